@@ -1,0 +1,121 @@
+"""Model checkpoints as safetensors files that carry their own config, so a file alone rebuilds its model.
+
+Metadata keys (all strings, as safetensors requires):
+  sagan.kind     "generator" | "discriminator"
+  sagan.config   the ModelConfig as JSON
+  sagan.step     training step the weights come from
+  sagan.recipe   the recipe's name
+  sagan.ema      "true" when the generator weights are the EMA average
+  sagan.version  the sagan version that wrote the file
+Only safetensors is ever read from a user-supplied path: no pickle, no code execution.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from sagan_cli import __version__
+from sagan_cli.config import ModelConfig
+from sagan_cli.errors import UserError
+from sagan_cli.models import Discriminator, Generator
+
+KINDS = ("generator", "discriminator")
+
+
+@dataclass
+class CheckpointInfo:
+    kind: str
+    config: ModelConfig
+    step: int
+    recipe: str
+    ema: bool
+    version: str
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename into place: a crash mid-write never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model(path: str | Path, model: Generator | Discriminator, *, step: int, recipe: str = "recipe", ema: bool = False) -> Path:
+    """Write `model` (unwrapped, any device) to a safetensors file with its config in the metadata."""
+    kind = "generator" if isinstance(model, Generator) else "discriminator"
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    metadata = {
+        "sagan.kind": kind,
+        "sagan.config": model.config.to_json(),
+        "sagan.step": str(int(step)),
+        "sagan.recipe": recipe,
+        "sagan.ema": "true" if ema else "false",
+        "sagan.version": __version__,
+    }
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return Path(path)
+
+
+def read_info(path: str | Path) -> CheckpointInfo:
+    """Read and check a checkpoint's metadata without loading its tensors."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist (training writes g.safetensors and d.safetensors in its run directory)")
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} is not a file (give the .safetensors file inside the run directory)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a safetensors checkpoint ({exc}); give a g.safetensors or d.safetensors written by `sagan train`") from None
+    if meta.get("sagan.kind") not in KINDS or "sagan.config" not in meta:
+        raise UserError(f"{path} is a safetensors file but not a sagan checkpoint (no sagan metadata); give a file written by `sagan train`")
+    try:
+        config = ModelConfig.from_json(meta["sagan.config"])
+        step = int(meta.get("sagan.step", "0"))
+    except (UserError, ValueError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} has a damaged model config in its metadata: {exc}") from None
+    return CheckpointInfo(
+        kind=meta["sagan.kind"],
+        config=config,
+        step=step,
+        recipe=meta.get("sagan.recipe", "recipe"),
+        ema=meta.get("sagan.ema") == "true",
+        version=meta.get("sagan.version", "unknown"),
+    )
+
+
+def load_model(path: str | Path, expect: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointInfo]:
+    """Rebuild the model a checkpoint describes and load its weights (eval mode, on `device`).
+
+    `expect` ("generator" / "discriminator") turns a wrong kind into a UserError that says so.
+    """
+    info = read_info(path)
+    if expect is not None and info.kind != expect:
+        hint = "g.safetensors" if expect == "generator" else "d.safetensors"
+        raise UserError(f"{path} holds a {info.kind}, but a {expect} is needed here (use the run's {hint})")
+    model = Generator(info.config) if info.kind == "generator" else Discriminator(info.config)
+    try:
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        model.load_state_dict(state, strict=True)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: its weights do not match its model config ({first}); the file is damaged or not from sagan") from None
+    return model.to(device).eval(), info

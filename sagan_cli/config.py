@@ -1,0 +1,279 @@
+"""Recipes: typed dataclasses read from TOML, overridden with `--set`, validated key by key.
+
+Every key has a default, so a recipe only states what differs. Unknown keys, wrong types and
+bad values raise `UserError` naming the key (`model.resolution`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from sagan_cli.errors import UserError
+
+RESOLUTIONS = (32, 64, 128, 256)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"  # folder | lsun | synthetic
+    path: str = ""  # folder of images (class sub-folders give labels) or an LSUN *_lmdb directory
+    hflip: bool = False  # random horizontal flips of real images
+    workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    max_images: int = 0  # use at most this many images of the dataset (0: all)
+    synthetic_size: int = 20000  # synthetic: number of images in the dataset
+    synthetic_seed: int = 0  # synthetic: the dataset is a pure function of this seed
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dcgan"  # dcgan (popular port, transposed convs) | resnet (the paper's ImageNet model)
+    resolution: int = 64  # output size: 32, 64, 128 or 256
+    num_classes: int = 0  # > 0: conditional BatchNorm in G and a projection discriminator
+    z_dim: int = 128  # noise dimension
+    g_ch: int = 64  # generator width multiplier
+    d_ch: int = 64  # discriminator width multiplier
+    attention: str = "seed"  # seed (popular port: value C, no pooling) | paper (value C/2, pooled key/value)
+    g_attention: list[int] = field(default_factory=lambda: [32])  # feature-map sizes with attention in G
+    d_attention: list[int] = field(default_factory=lambda: [32])  # feature-map sizes with attention in D
+    g_spectral_norm: bool = True  # spectral norm on G's convs/linears
+    d_spectral_norm: bool = True  # spectral norm on D's convs/linears
+    sn_last_layer: bool = False  # also on the last layer of each network
+    init: str = "orthogonal"  # weight init: orthogonal | normal | xavier | default (PyTorch's)
+
+    def g_sizes(self) -> list[int]:
+        """Feature-map sizes after each generator block: where G attention may sit."""
+        first = 4 if self.arch == "dcgan" else 8
+        last = self.resolution // 2 if self.arch == "dcgan" else self.resolution
+        return [2**i for i in range(int(math.log2(first)), int(math.log2(last)) + 1)]
+
+    def d_sizes(self) -> list[int]:
+        """Feature-map sizes after each discriminator block: where D attention may sit."""
+        return [2**i for i in range(int(math.log2(self.resolution)) - 1, 1, -1)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        config = _build(cls, values, "model")
+        validate_model(config)
+        return config
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10000  # generator updates
+    batch_size: int = 64  # images per process per step
+    seed: int = 0  # seeds weights, noise, data order
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    lr_g: float = 1e-4  # two time-scale update rule: G slower ...
+    lr_d: float = 4e-4  # ... than D
+    beta1: float = 0.0  # Adam betas, as in the paper
+    beta2: float = 0.9
+    loss: str = "hinge"  # hinge | nonsaturating | wgan-gp
+    gp_weight: float = 10.0  # wgan-gp: gradient penalty weight
+    d_steps: int = 1  # discriminator updates per generator update
+    ema: bool = True  # keep an exponential moving average of G (exported as g.safetensors)
+    ema_decay: float = 0.999
+    ema_start: int = 1000  # EMA copies G until this step, then averages
+    checkpoint_every: int = 1000  # steps between checkpoints (and always at the last step)
+    keep_checkpoints: int = 2  # resumable states kept in state/
+    sample_every: int = 500  # steps between fixed-noise sample grids
+    sample_grid: int = 64  # images in each grid
+    log_every: int = 50  # steps between metrics.jsonl lines
+    max_bad_steps: int = 5  # stop after this many consecutive non-finite losses
+    tensorboard: bool = False  # also log through Accelerate's TensorBoard tracker
+    compile: bool = False  # torch.compile G and D
+    channels_last: bool = False  # NHWC memory format for convolutions
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations during training (0: never)
+    num_samples: int = 5000  # generated images per evaluation
+    metrics: list[str] = field(default_factory=lambda: ["fid"])  # any of fid, isc, kid, prc
+    inception_weights: str = ""  # path to torch-fidelity's Inception weights (offline use)
+    batch_size: int = 64  # generator batch size while evaluating
+
+
+@dataclass
+class Recipe:
+    name: str = "recipe"  # the recipe file's stem, recorded in checkpoints
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+TABLES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+
+CHOICES = {
+    "data.kind": ("folder", "lsun", "synthetic"),
+    "model.arch": ("dcgan", "resnet"),
+    "model.attention": ("seed", "paper"),
+    "model.init": ("orthogonal", "normal", "xavier", "default"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.loss": ("hinge", "nonsaturating", "wgan-gp"),
+}
+METRICS = ("fid", "isc", "kid", "prc")
+
+
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` as type `hint` or raise a UserError naming `key`."""
+    name = getattr(hint, "__name__", str(hint))
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif hint in (list[int], list[str]):
+        inner = int if hint == list[int] else str
+        name = f"list of {inner.__name__}"
+        ok = isinstance(value, list) and all(
+            isinstance(v, inner) and not isinstance(v, bool) for v in value
+        )
+    else:  # pragma: no cover - a field type this function does not know
+        raise TypeError(f"unsupported config type {hint!r} for {key}")
+    if not ok:
+        raise UserError(f"{key} must be a {name}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], table: str) -> Any:
+    if not isinstance(values, dict):
+        raise UserError(f"[{table}] must be a table, got {values!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise UserError(
+                f"unknown recipe key {table}.{key} (known keys: {', '.join(sorted(known))})"
+            )
+    kwargs = {k: _check_type(f"{table}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"{key} {message}")
+
+
+def validate_model(m: ModelConfig) -> None:
+    for key, choices in CHOICES.items():
+        if key.startswith("model."):
+            value = getattr(m, key.split(".")[1])
+            _require(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
+    _require(m.resolution in RESOLUTIONS, "model.resolution", f"must be one of {RESOLUTIONS}, got {m.resolution}")
+    _require(m.num_classes >= 0, "model.num_classes", "must be >= 0")
+    for key in ("z_dim", "g_ch", "d_ch"):
+        _require(getattr(m, key) > 0, f"model.{key}", "must be > 0")
+    for key in ("g_ch", "d_ch"):
+        _require(getattr(m, key) % 8 == 0, f"model.{key}", "must be a multiple of 8 (attention uses C/8 channels)")
+    for key, allowed in (("g_attention", m.g_sizes()), ("d_attention", m.d_sizes())):
+        for size in getattr(m, key):
+            _require(
+                size in allowed,
+                f"model.{key}",
+                f"has size {size}, but a {m.arch} model at resolution {m.resolution} "
+                f"has feature maps of sizes {allowed} there",
+            )
+
+
+def validate(recipe: Recipe) -> Recipe:
+    validate_model(recipe.model)
+    for key, choices in CHOICES.items():
+        table, name = key.split(".")
+        value = getattr(getattr(recipe, table), name)
+        _require(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
+    d, t, e = recipe.data, recipe.train, recipe.eval
+    _require(d.kind == "synthetic" or bool(d.path), "data.path",
+             f"must be set for data.kind = {d.kind!r} (a folder of images or an LSUN *_lmdb directory)")
+    _require(d.workers >= 0, "data.workers", "must be >= 0")
+    _require(d.max_images >= 0, "data.max_images", "must be >= 0 (0 means all)")
+    _require(d.synthetic_size > 0, "data.synthetic_size", "must be > 0")
+    for key in ("steps", "batch_size", "d_steps", "checkpoint_every", "keep_checkpoints",
+                "sample_every", "sample_grid", "log_every", "max_bad_steps"):
+        _require(getattr(t, key) > 0, f"train.{key}", "must be > 0")
+    for key in ("lr_g", "lr_d"):
+        _require(getattr(t, key) > 0, f"train.{key}", "must be > 0")
+    for key in ("beta1", "beta2", "ema_decay"):
+        _require(0 <= getattr(t, key) < 1, f"train.{key}", "must be in [0, 1)")
+    _require(t.ema_start >= 0, "train.ema_start", "must be >= 0")
+    _require(t.gp_weight >= 0, "train.gp_weight", "must be >= 0")
+    _require(e.every >= 0, "eval.every", "must be >= 0 (0 turns evaluation off)")
+    _require(e.num_samples > 0, "eval.num_samples", "must be > 0")
+    _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
+    for metric in e.metrics:
+        _require(metric in METRICS, "eval.metrics", f"entries must be among {', '.join(METRICS)}, got {metric!r}")
+    return recipe
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`table.key=value` -> (table, key, value); the value is read as TOML, else taken as a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise UserError(f"--set expects table.key=value (e.g. train.steps=100), got {text!r}")
+    dotted, raw = text.split("=", 1)
+    table, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return table, key, value
+
+
+def recipe_from_dict(raw: dict[str, Any], name: str = "recipe") -> Recipe:
+    for table in raw:
+        if table not in TABLES:
+            raise UserError(f"unknown recipe table [{table}] (known tables: {', '.join(TABLES)})")
+    parts = {table: _build(cls, raw.get(table, {}), table) for table, cls in TABLES.items()}
+    return validate(Recipe(name=name, **parts))
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a TOML recipe, apply `--set` overrides, validate. Raises UserError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist (see recipes/ for examples)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"recipe {path} is not valid TOML: {exc}") from None
+    for text in overrides:
+        table, key, value = parse_override(text)
+        raw.setdefault(table, {})
+        if not isinstance(raw[table], dict):
+            raise UserError(f"[{table}] must be a table, got {raw[table]!r}")
+        raw[table][key] = value
+    return recipe_from_dict(raw, name=path.stem)
+
+
+def recipe_from_json(path: str | Path) -> Recipe:
+    """Re-read a run's config.json (the resolved recipe saved at the start of training)."""
+    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    name = raw.pop("name", "recipe")
+    return recipe_from_dict(raw, name=name)

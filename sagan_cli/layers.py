@@ -1,0 +1,229 @@
+"""Building blocks: self-attention, spectrally normalised layers, conditional BatchNorm, residual blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+# Largest head width handed to the CUDA fused kernels (flash / cuDNN attention stop at 256).
+MAX_CUDA_HEAD_WIDTH = 256
+
+
+def init_weights(module: nn.Module, scheme: str) -> nn.Module:
+    """Initialise a conv/linear/embedding weight in place (before spectral norm wraps it)."""
+    weight = getattr(module, "weight", None)
+    if weight is None or scheme == "default":
+        return module
+    with torch.no_grad():
+        if scheme == "orthogonal":
+            nn.init.orthogonal_(weight)
+        elif scheme == "normal":
+            nn.init.normal_(weight, 0.0, 0.02)
+        elif scheme == "xavier":
+            nn.init.xavier_uniform_(weight)
+        else:
+            raise ValueError(f"unknown init scheme {scheme!r}")
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
+    return module
+
+
+def sn(module: nn.Module, enabled: bool = True, init: str = "orthogonal") -> nn.Module:
+    """Initialise `module`, then wrap it in spectral norm when `enabled`: one place for every layer."""
+    init_weights(module, init)
+    return _spectral_norm(module) if enabled else module
+
+
+def _cuda_heads(value_width: int, query_width: int) -> int:
+    """Split the value into the fewest heads narrow enough for the CUDA fused kernels."""
+    for heads in range(1, value_width // query_width + 1):
+        width = value_width // heads
+        if value_width % heads == 0 and width % 8 == 0 and width <= MAX_CUDA_HEAD_WIDTH:
+            return heads
+    return 1
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None = None) -> torch.Tensor:
+    """softmax(q^T k) applied to v through scaled_dot_product_attention, never forming the N x M matrix.
+
+    q: [B, d, N], k: [B, d, M], v: [B, Cv, M] -> o: [B, Cv, N], with o = v softmax(q^T k)^T.
+
+    The fused kernels need query and value of the same width, and SAGAN's query is narrower (C/8)
+    than its value (C or C/2). Zero-padding q and k to the value width leaves every dot product,
+    hence the softmax, unchanged, and lets the flash kernel run. On CUDA, values wider than the
+    kernels accept are split into heads that share the same (padded) q and k: also exact.
+    """
+    batch, d, n = q.shape
+    value_width, m = v.shape[1], v.shape[2]
+    if heads is None:
+        heads = _cuda_heads(value_width, d) if q.is_cuda else 1
+    width = value_width // heads
+    # [B, 1, N, w] with a contiguous last dimension: the CPU flash kernel insists on it.
+    q = F.pad(q.transpose(1, 2), (0, width - d)).unsqueeze(1).expand(batch, heads, n, width)
+    k = F.pad(k.transpose(1, 2), (0, width - d)).unsqueeze(1).expand(batch, heads, m, width)
+    v = v.reshape(batch, heads, width, m).transpose(2, 3).contiguous()
+    o = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, h, N, w]
+    return o.transpose(2, 3).reshape(batch, value_width, n)
+
+
+class SelfAttention(nn.Module):
+    """Self-attention over all positions of a feature map (SAGAN, after Non-local networks).
+
+    y = x + gamma * out(v softmax(q^T k)^T), with gamma initialised to 0 so the block starts as
+    an identity and the network learns how much non-local evidence to use.
+
+    variant="seed": value has C channels, no pooling, no output conv (the popular PyTorch port).
+    variant="paper": value has C/2 channels, key and value are 2x2 max-pooled, 1x1 output conv
+    (the official implementation; 4x less attention work).
+    """
+
+    def __init__(self, channels: int, variant: str = "seed", spectral_norm: bool = True, *, init: str = "orthogonal"):
+        super().__init__()
+        if variant not in ("seed", "paper"):
+            raise ValueError(f"variant must be 'seed' or 'paper', got {variant!r}")
+        if channels % 8:
+            raise ValueError(f"channels must be a multiple of 8, got {channels}")
+        self.variant = variant
+        self.pooled = variant == "paper"
+        self.value_channels = channels if variant == "seed" else channels // 2
+        bias = variant == "seed"  # the port's 1x1 convs have biases, the official ones do not
+        self.query = sn(nn.Conv2d(channels, channels // 8, 1, bias=bias), spectral_norm, init)
+        self.key = sn(nn.Conv2d(channels, channels // 8, 1, bias=bias), spectral_norm, init)
+        self.value = sn(nn.Conv2d(channels, self.value_channels, 1, bias=bias), spectral_norm, init)
+        self.out = (
+            sn(nn.Conv2d(self.value_channels, channels, 1, bias=False), spectral_norm, init) if self.pooled else None
+        )
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.pooled:
+            k, v = F.max_pool2d(k, 2), F.max_pool2d(v, 2)
+        return q.flatten(2), k.flatten(2), v.flatten(2)
+
+    def _finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        o = o.reshape(x.shape[0], self.value_channels, x.shape[2], x.shape[3])
+        if self.out is not None:
+            o = self.out(o)
+        return x + self.gamma * o
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        return self._finish(x, fused_attention(q, k, v))
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The explicit formula, through the full N x M matrix: what the fused path is tested against."""
+        _, _, v = self._qkv(x)
+        return self._finish(x, v @ self.attention_weights(x).transpose(1, 2))
+
+    def key_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The grid the attention rows live on (halved by the paper variant's pooling)."""
+        return (height // 2, width // 2) if self.pooled else (height, width)
+
+    def attention_weights(self, x: torch.Tensor, points: Sequence | torch.Tensor | None = None) -> torch.Tensor:
+        """The explicit softmax rows A = softmax(q^T k): [B, N, M], or [B, P, M] for the given points.
+
+        `points` are query positions on x's grid: flat indices (y * W + x) or (x, y) pairs.
+        Rows sum to 1 over the M key positions (`key_shape` gives their grid).
+        """
+        q, k, _ = self._qkv(x)
+        if points is not None:
+            q = q[:, :, _flat_indices(points, x.shape[3]).to(q.device)]
+        return torch.softmax(q.transpose(1, 2) @ k, dim=-1)
+
+
+def _flat_indices(points: Sequence | torch.Tensor, width: int) -> torch.Tensor:
+    if isinstance(points, torch.Tensor):
+        return points.long().reshape(-1)
+    return torch.tensor([p if isinstance(p, int) else p[1] * width + p[0] for p in points], dtype=torch.long)
+
+
+class ClassBatchNorm2d(nn.Module):
+    """BatchNorm whose gain and bias are looked up per class (conditional BatchNorm).
+
+    With num_classes == 0 it is an ordinary affine BatchNorm and ignores the labels.
+    """
+
+    def __init__(self, channels: int, num_classes: int = 0):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, affine=num_classes == 0)
+        if num_classes:
+            self.gain = nn.Embedding(num_classes, channels)
+            self.bias = nn.Embedding(num_classes, channels)
+            nn.init.ones_(self.gain.weight)
+            nn.init.zeros_(self.bias.weight)
+        else:
+            self.gain = self.bias = None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.bn(x)
+        if self.gain is None:
+            return h
+        return h * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
+class DCGANUpBlock(nn.Module):
+    """Transposed conv (x2) -> BatchNorm -> ReLU: the popular port's generator layer."""
+
+    def __init__(self, cin: int, cout: int, num_classes: int, use_sn: bool, init: str, *, stem: bool = False):
+        super().__init__()
+        conv = nn.ConvTranspose2d(cin, cout, 4) if stem else nn.ConvTranspose2d(cin, cout, 4, 2, 1)
+        self.conv = sn(conv, use_sn, init)
+        self.bn = ClassBatchNorm2d(cout, num_classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x), y))
+
+
+class DCGANDownBlock(nn.Module):
+    """Strided conv (/2) -> LeakyReLU(0.1): the popular port's discriminator layer (no BatchNorm)."""
+
+    def __init__(self, cin: int, cout: int, use_sn: bool, init: str):
+        super().__init__()
+        self.conv = sn(nn.Conv2d(cin, cout, 4, 2, 1), use_sn, init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.conv(x), 0.1)
+
+
+class ResUpBlock(nn.Module):
+    """BN-ReLU-up-conv3-BN-ReLU-conv3 plus an upsampled 1x1 shortcut (the paper's ImageNet G block)."""
+
+    def __init__(self, cin: int, cout: int, num_classes: int, use_sn: bool, init: str):
+        super().__init__()
+        self.bn1 = ClassBatchNorm2d(cin, num_classes)
+        self.conv1 = sn(nn.Conv2d(cin, cout, 3, padding=1), use_sn, init)
+        self.bn2 = ClassBatchNorm2d(cout, num_classes)
+        self.conv2 = sn(nn.Conv2d(cout, cout, 3, padding=1), use_sn, init)
+        self.shortcut = sn(nn.Conv2d(cin, cout, 1), use_sn, init)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2, mode="nearest")
+        h = self.conv2(F.relu(self.bn2(self.conv1(h), y)))
+        return h + self.shortcut(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class ResDownBlock(nn.Module):
+    """(ReLU)-conv3-ReLU-conv3-avgpool plus a 1x1 shortcut; the first block skips the leading ReLU
+    so the raw image is not clipped."""
+
+    def __init__(self, cin: int, cout: int, use_sn: bool, init: str, *, first: bool = False, down: bool = True):
+        super().__init__()
+        self.first, self.down = first, down
+        self.conv1 = sn(nn.Conv2d(cin, cout, 3, padding=1), use_sn, init)
+        self.conv2 = sn(nn.Conv2d(cout, cout, 3, padding=1), use_sn, init)
+        self.shortcut = sn(nn.Conv2d(cin, cout, 1), use_sn, init) if (cin != cout or down) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(F.relu(self.conv1(x if self.first else F.relu(x))))
+        if self.down:
+            h = F.avg_pool2d(h, 2)
+        # a 1x1 conv commutes with 2x2 average pooling, so pool first: 4x fewer shortcut FLOPs, same result
+        s = F.avg_pool2d(x, 2) if self.down else x
+        if self.shortcut is not None:
+            s = self.shortcut(s)
+        return h + s

@@ -1,0 +1,141 @@
+"""The SAGAN generator and discriminator, in two families, built from a ModelConfig.
+
+dcgan:  the popular PyTorch port's 64x64 model (transposed convs, LeakyReLU D), generalised to 32-256.
+resnet: the paper's ImageNet model (residual up/down blocks, width `ch`).
+
+Channel widths follow one rule per family, so any resolution gets a sensible network:
+  dcgan  G: ch * min(8, R / 2s) channels at size s;   D: the mirror image.
+  resnet G: ch * min(16, R / s) channels at size s;  D: ch * min(16, R / 2s), plus one extra block at 4x4.
+At R = 64 (dcgan) and R = 128 (resnet) these are exactly the port's and the paper's widths.
+Self-attention sits after every block whose output size is listed in g_attention / d_attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sagan_cli.config import ModelConfig, validate_model
+from sagan_cli.layers import (
+    ClassBatchNorm2d,
+    DCGANDownBlock,
+    DCGANUpBlock,
+    ResDownBlock,
+    ResUpBlock,
+    SelfAttention,
+    sn,
+)
+
+
+def _attention(sizes: list[int], widths: dict[int, int], cfg: ModelConfig, use_sn: bool) -> nn.ModuleDict:
+    return nn.ModuleDict(
+        {str(s): SelfAttention(widths[s], cfg.attention, use_sn, init=cfg.init) for s in sorted(set(sizes))}
+    )
+
+
+def _check_labels(y: torch.Tensor | None, num_classes: int) -> None:
+    if num_classes and y is None:
+        raise ValueError(f"this model is class-conditional ({num_classes} classes): pass labels y")
+
+
+class Generator(nn.Module):
+    """z (and class labels) -> images in [-1, 1]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model(cfg)
+        self.config = cfg
+        res, ch, k, use_sn = cfg.resolution, cfg.g_ch, cfg.num_classes, cfg.g_spectral_norm
+        last_sn = use_sn and cfg.sn_last_layer
+        sizes = cfg.g_sizes()
+        if cfg.arch == "dcgan":
+            widths = {s: ch * min(8, res // (2 * s)) for s in sizes}
+            self.stem = None
+            blocks = [DCGANUpBlock(cfg.z_dim, widths[4], k, use_sn, cfg.init, stem=True)]
+            blocks += [DCGANUpBlock(widths[s // 2], widths[s], k, use_sn, cfg.init) for s in sizes[1:]]
+            self.final_bn = None
+            self.to_rgb = sn(nn.ConvTranspose2d(widths[sizes[-1]], 3, 4, 2, 1), last_sn, cfg.init)
+        else:
+            widths = {s: ch * min(16, res // s) for s in [4, *sizes]}
+            self.stem = sn(nn.Linear(cfg.z_dim, 4 * 4 * widths[4]), use_sn, cfg.init)
+            blocks = [ResUpBlock(widths[s // 2], widths[s], k, use_sn, cfg.init) for s in sizes]
+            self.final_bn = ClassBatchNorm2d(widths[res], 0)
+            self.to_rgb = sn(nn.Conv2d(widths[res], 3, 3, padding=1), last_sn, cfg.init)
+        self.stem_channels = widths[4]
+        self.blocks = nn.ModuleList(blocks)
+        self.attention = _attention(cfg.g_attention, widths, cfg, use_sn)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        _check_labels(y, self.config.num_classes)
+        if self.stem is None:
+            h = z.view(z.shape[0], -1, 1, 1)
+        else:
+            h = self.stem(z).view(z.shape[0], self.stem_channels, 4, 4)
+        for block in self.blocks:
+            h = block(h, y)
+            if str(h.shape[-1]) in self.attention:
+                h = self.attention[str(h.shape[-1])](h)
+        if self.final_bn is not None:
+            h = F.relu(self.final_bn(h))
+        return torch.tanh(self.to_rgb(h))
+
+
+class Discriminator(nn.Module):
+    """images (and class labels) -> one realness score per image (projection term when conditional)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        validate_model(cfg)
+        self.config = cfg
+        res, ch, use_sn = cfg.resolution, cfg.d_ch, cfg.d_spectral_norm
+        last_sn = use_sn and cfg.sn_last_layer
+        sizes = cfg.d_sizes()  # res/2, ..., 4
+        if cfg.arch == "dcgan":
+            widths = {s: ch * min(8, res // (2 * s)) for s in sizes}
+            blocks = [DCGANDownBlock(3, widths[sizes[0]], use_sn, cfg.init)]
+            blocks += [DCGANDownBlock(widths[2 * s], widths[s], use_sn, cfg.init) for s in sizes[1:]]
+            self.head = sn(nn.Conv2d(widths[4], 1, 4), last_sn, cfg.init)  # 4x4 -> 1x1, as in the port
+        else:
+            widths = {s: ch * min(16, res // (2 * s)) for s in sizes}
+            blocks = [ResDownBlock(3, widths[sizes[0]], use_sn, cfg.init, first=True)]
+            blocks += [ResDownBlock(widths[2 * s], widths[s], use_sn, cfg.init) for s in sizes[1:]]
+            blocks += [ResDownBlock(widths[4], widths[4], use_sn, cfg.init, down=False)]
+            self.head = sn(nn.Linear(widths[4], 1), last_sn, cfg.init)
+        self.blocks = nn.ModuleList(blocks)
+        self.attention = _attention(cfg.d_attention, widths, cfg, use_sn)
+        # projection discriminator (Miyato & Koyama 2018): + <embed(y), phi(x)>
+        self.embed = sn(nn.Embedding(cfg.num_classes, widths[4]), use_sn, cfg.init) if cfg.num_classes else None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        _check_labels(y, self.config.num_classes)
+        h = x
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            size = str(h.shape[-1])
+            # the resnet D's extra 4x4 block must not run the 4x4 attention twice
+            if size in self.attention and not (i == len(self.blocks) - 1 and self.config.arch == "resnet"):
+                h = self.attention[size](h)
+        if self.config.arch == "dcgan":
+            out = self.head(h).flatten(1).sum(1)
+            features = h.sum(dim=(2, 3))
+        else:
+            features = F.relu(h).sum(dim=(2, 3))
+            out = self.head(features).squeeze(1)
+        if self.embed is not None:
+            out = out + (self.embed(y) * features).sum(1)
+        return out
+
+
+def attention_layers(model: nn.Module) -> dict[str, SelfAttention]:
+    """Every SelfAttention in a model, by qualified name (e.g. 'attention.32')."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SelfAttention)}
+
+
+def gammas(model: nn.Module) -> dict[str, float]:
+    """Each attention layer's gamma: how much the network has chosen to use non-local evidence."""
+    return {name: float(m.gamma.detach()) for name, m in attention_layers(model).items()}
+
+
+def build_models(cfg: ModelConfig) -> tuple[Generator, Discriminator]:
+    return Generator(cfg), Discriminator(cfg)
