@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from sagan_cli import __version__
@@ -81,20 +80,19 @@ def main() -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        command = " ".join(a for a in sys.argv[1:2] if not a.startswith("-"))
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        # Usage errors (unknown option, bad value). Typer >= 0.20 vendors click, so match by shape.
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise
+        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
         hint = f" (see `sagan {command} --help`)" if command else " (see `sagan --help`)"
         print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        print("error: aborted", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-
 
 if __name__ == "__main__":
     main()
