@@ -119,3 +119,45 @@ def load_model(path: str | Path, expect: str | None = None, device: str | torch.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: its weights do not match its model config ({first}); the file is damaged or not from sagan") from None
     return model.to(device).eval(), info
+
+
+# ---- resumable training state: state/step-XXXXXXX/ folders written by Accelerate ----
+
+STATE_PREFIX = "step-"
+
+
+def latest_state(root: str | Path) -> Path | None:
+    """The newest complete state folder (half-written ones keep a '.tmp-' name and are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX))
+    return done[-1] if done else None
+
+
+def save_state_atomically(accelerator, root: str | Path, step: int, keep: int) -> Path:
+    """accelerator.save_state into a temporary folder, then rename it into place and drop old ones.
+
+    A crash mid-write leaves only a '.tmp-' folder behind, and the previous state stays the newest.
+    Every process must call this (each saves its own RNG state).
+    """
+    import shutil
+
+    root = Path(root)
+    final = root / f"{STATE_PREFIX}{step:07d}"
+    if final.is_dir():  # already saved at this step (e.g. Ctrl-C right after a scheduled checkpoint)
+        return final
+    tmp = root / f".tmp-{STATE_PREFIX}{step:07d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        os.replace(tmp, final)
+        states = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(STATE_PREFIX))
+        for old in states[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

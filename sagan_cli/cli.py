@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -45,30 +45,144 @@ def _root(
 )
 def train(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe (see recipes/).", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory. [default: runs/RECIPE_NAME]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory. [default: runs/RECIPE_NAME]")] = None,
     overrides: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override a recipe key: table.key=value (repeatable).")
+        list[str] | None, typer.Option("--set", help="Override a recipe key: table.key=value (repeatable).")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its state/.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")] = False,
 ) -> None:
     """Train a SAGAN from a recipe: checkpoints, sample grids and metrics land in the run directory."""
-    from sagan_cli.config import load_recipe
-    from sagan_cli.train import print_recipe, run_training
+    from sagan_cli.config import load_recipe, print_recipe
 
     resolved = load_recipe(recipe, overrides or [])
     run_dir = out if out is not None else Path("runs") / resolved.name
     if dry_run:
         print_recipe(resolved, run_dir)
         return
+    from sagan_cli.train import run_training  # torch and accelerate load only when training
+
     run_training(resolved, run_dir, resume=resume)
 
 
 # --- sample (issue 4) ---
 
+DeviceOption = Annotated[
+    str | None, typer.Option("--device", help="cpu, cuda or cuda:N. [default: cuda if available, else cpu]")
+]
+ClassOption = Annotated[int | None, typer.Option("--class", help="Class label, for a class-conditional model.")]
+
+
+@app.command(epilog="Example: sagan sample --ckpt runs/quick/g.safetensors -n 1000 --out samples/ --seed 1")
+def sample(
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="Generator checkpoint (a run's g.safetensors).", show_default=False)],
+    n: Annotated[int, typer.Option("-n", "--num", help="Number of images.")] = 64,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("samples"),
+    seed: Annotated[int, typer.Option("--seed", help="Noise seed: the same seed gives byte-identical files.")] = 0,
+    class_: Annotated[
+        int | None, typer.Option("--class", help="Class of every image (conditional G). [default: all classes, evenly]")
+    ] = None,
+    truncation: Annotated[
+        float | None, typer.Option("--truncation", help="Draw noise from a normal truncated to [-T, T].")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per generator call.")] = 64,
+    device: DeviceOption = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="png: one file per image; npz: samples.npz (images, labels).")
+    ] = "png",
+) -> None:
+    """Generate images from a generator checkpoint: numbered PNGs (or one .npz) plus grid.png."""
+    import time
+
+    from sagan_cli.sample import sample_images
+
+    t0 = time.perf_counter()
+    path = sample_images(
+        ckpt, n, out, seed=seed, classes=class_, truncation=truncation,
+        batch_size=batch_size, device=device, fmt=fmt, progress=True,
+    )
+    seconds = time.perf_counter() - t0
+    print(f"wrote {n} images to {path} ({n / seconds:.1f} images/s)")
+
+
 # --- attn-map (issue 4) ---
 
+
+def attn_map(
+    image: Annotated[
+        Path | None, typer.Argument(help="Image for a discriminator checkpoint (any format Pillow reads); omit with a generator.", show_default=False)
+    ] = None,
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="d.safetensors (looks at IMAGE) or g.safetensors (looks at its own sample).", show_default=False)] = ...,
+    points: Annotated[
+        list[str] | None,
+        typer.Option("--points", "-p", help="Query pixel x,y in the model-resolution image (repeatable). [default: centre and quarter points]"),
+    ] = None,
+    layers: Annotated[
+        list[str] | None, typer.Option("--layer", help="Attention layer, e.g. attention.32 (repeatable). [default: all]")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Generator checkpoints: noise seed of the image to draw.")] = 0,
+    class_: ClassOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Figure (PNG).")] = Path("attn-map.png"),
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Also write per point and layer: argmax pixel, entropy, gamma.")
+    ] = None,
+    device: DeviceOption = None,
+) -> None:
+    """Show where each self-attention layer looks from chosen query pixels (the paper's Fig. 1). Alias: visualize-attention."""
+    from sagan_cli.attention import attention_map
+
+    attention_map(
+        ckpt, image, points=points, layers=layers, seed=seed, class_=class_, out=out, json_path=json_path, device=device
+    )
+    print(f"wrote {out}" + (f" and {json_path}" if json_path else ""))
+
+
+_ATTN_EPILOG = "Example: sagan attn-map photo.jpg --ckpt runs/quick/d.safetensors --points 16,16 --points 40,20 --json attn.json"
+app.command("attn-map", epilog=_ATTN_EPILOG)(attn_map)
+app.command("visualize-attention", hidden=True, epilog=_ATTN_EPILOG)(attn_map)
+
 # --- eval (issue 5) ---
+
+
+@app.command(
+    name="eval",
+    epilog="Example: sagan eval --ckpt runs/quick/g.safetensors --data recipes/quickstart.toml -n 1000 "
+    "--inception-weights weights-inception-2015-12-05-6726825d.pth --json runs/quick/eval.json",
+)
+def eval_(
+    data: Annotated[
+        Path, typer.Option("--data", help="Reference: a recipe (.toml), a run's config.json, or a folder of images.",
+                           show_default=False)
+    ],
+    ckpt: Annotated[Path | None, typer.Option("--ckpt", help="Generator checkpoint (g.safetensors).")] = None,
+    samples: Annotated[
+        Path | None, typer.Option("--samples", help="A folder of images or `sagan sample --format npz` output.")
+    ] = None,
+    n: Annotated[
+        int | None, typer.Option("-n", "--num", help="Images to score. \\[default: 10000 for --ckpt, all for --samples]")
+    ] = None,
+    metrics: Annotated[
+        str, typer.Option("--metrics", help="Any of fid,isc,kid,prc,structure (structure: synthetic data, no weights).")
+    ] = "fid,isc,kid",
+    inception_weights: Annotated[
+        Path | None, typer.Option("--inception-weights", help="torch-fidelity's Inception weights file. "
+                                     "\\[default: $SAGAN_INCEPTION_WEIGHTS, else $TORCH_HOME/hub/checkpoints/]")
+    ] = None,
+    reference: Annotated[
+        int | None, typer.Option("--ref-n", help="Reference images (a fixed subset). \\[default: as -n]")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per generator/Inception call.")] = 64,
+    device: DeviceOption = None,
+    seed: Annotated[int, typer.Option("--seed", help="Noise and label seed of the generated samples.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write values and protocol to this file.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No torch-fidelity progress on stderr.")] = False,
+) -> None:
+    """Score a generator or saved samples against a dataset: FID, IS, KID, precision/recall (torch-fidelity)."""
+    from sagan_cli.metrics import eval_command
+
+    eval_command(ckpt=ckpt, samples=samples, data=data, num_samples=n, metrics=metrics,
+                 inception_weights=inception_weights, reference_count=reference, batch_size=batch_size,
+                 device=device, seed=seed, json_path=json_path, verbose=not quiet)
 
 # --- info (issue 6) ---
 

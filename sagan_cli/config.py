@@ -33,6 +33,9 @@ class DataConfig:
     max_images: int = 0  # use at most this many images of the dataset (0: all)
     synthetic_size: int = 20000  # synthetic: number of images in the dataset
     synthetic_seed: int = 0  # synthetic: the dataset is a pure function of this seed
+    synthetic_blobs_per_side: int = 1  # synthetic: blobs on each side of the mirror axis (2: four blobs)
+    synthetic_radius_min: float = 0.10  # synthetic: smallest blob radius, as a fraction of the image size
+    synthetic_radius_max: float = 0.16  # synthetic: largest blob radius, as a fraction of the image size
 
 
 @dataclass
@@ -216,6 +219,9 @@ def validate(recipe: Recipe) -> Recipe:
     _require(d.workers >= 0, "data.workers", "must be >= 0")
     _require(d.max_images >= 0, "data.max_images", "must be >= 0 (0 means all)")
     _require(d.synthetic_size > 0, "data.synthetic_size", "must be > 0")
+    _require(1 <= d.synthetic_blobs_per_side <= 4, "data.synthetic_blobs_per_side", "must be 1 to 4")
+    _require(0.05 <= d.synthetic_radius_min <= d.synthetic_radius_max <= 0.2, "data.synthetic_radius_min",
+             "and data.synthetic_radius_max must satisfy 0.05 <= min <= max <= 0.2 (fractions of the image size)")
     for key in ("steps", "batch_size", "d_steps", "checkpoint_every", "keep_checkpoints",
                 "sample_every", "sample_grid", "log_every", "max_bad_steps"):
         _require(getattr(t, key) > 0, f"train.{key}", "must be > 0")
@@ -277,3 +283,22 @@ def recipe_from_json(path: str | Path) -> Recipe:
     raw = json.loads(Path(path).read_text(encoding="utf-8"))
     name = raw.pop("name", "recipe")
     return recipe_from_dict(raw, name=name)
+
+
+def print_recipe(recipe: Recipe, run_dir: Path, console=None) -> None:
+    """The resolved recipe as a table; values that differ from the defaults are highlighted."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    defaults = Recipe().to_dict()
+    table = Table(title=f"recipe '{recipe.name}' -> {run_dir}", show_lines=False)
+    table.add_column("key")
+    table.add_column("value")
+    for section, values in recipe.to_dict().items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            changed = defaults[section][key] != value
+            table.add_row(f"{section}.{key}", f"[bold]{value}[/bold]" if changed else str(value))
+    console.print(table)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LOSSES = ("hinge", "nonsaturating", "wgan-gp")
 
@@ -39,6 +40,9 @@ def gradient_penalty(
     """WGAN-GP: E[(||grad_x D(x)||_2 - 1)^2] at random points between real and fake images."""
     alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
     mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
-    out = discriminator(mixed, labels) if labels is not None else discriminator(mixed)
-    (grad,) = torch.autograd.grad(out.sum(), mixed, create_graph=True)
+    # The penalty is differentiated twice; the fused attention kernels have no double backward,
+    # so this one forward uses the math kernel (D's maps are small where this loss is used).
+    with sdpa_kernel([SDPBackend.MATH]):
+        out = discriminator(mixed, labels) if labels is not None else discriminator(mixed)
+        (grad,) = torch.autograd.grad(out.sum(), mixed, create_graph=True)
     return ((grad.flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()

@@ -1,0 +1,233 @@
+"""The training loop for real, on tiny models: losses, bf16, checkpoints, exact resume, 2 processes, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sagan_cli.checkpoint import latest_state, load_model, read_info
+from sagan_cli.config import recipe_from_dict
+from sagan_cli.errors import UserError
+from sagan_cli.train import batch_indices, run_training
+
+TINY = {
+    "data": {"kind": "synthetic", "synthetic_size": 64},
+    "model": {"resolution": 32, "g_ch": 16, "d_ch": 16, "g_attention": [16], "d_attention": [8]},
+    "train": {"steps": 4, "batch_size": 8, "checkpoint_every": 2, "sample_every": 2, "log_every": 1,
+              "ema_start": 1, "sample_grid": 4},
+}
+
+
+def tiny_recipe(**overrides):
+    raw = json.loads(json.dumps(TINY))
+    for dotted, value in overrides.items():
+        table, key = dotted.split("__")
+        raw.setdefault(table, {})[key] = value
+    return recipe_from_dict(raw, name="tiny")
+
+
+def weights(result) -> dict[str, torch.Tensor]:
+    tensors = {f"g.{k}": v for k, v in result.generator.state_dict().items()}
+    tensors.update({f"d.{k}": v for k, v in result.discriminator.state_dict().items()})
+    if result.ema is not None:
+        tensors.update({f"ema.{k}": v for k, v in result.ema.state_dict().items()})
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def test_batch_order_is_a_function_of_position():
+    straight = batch_indices(10, 4, seed=3, start_batch=0, rank=0, world=1)
+    first = [next(straight) for _ in range(6)]
+    resumed = batch_indices(10, 4, seed=3, start_batch=3, rank=0, world=1)
+    assert [next(resumed) for _ in range(3)] == first[3:]
+    # every epoch is a permutation of the dataset
+    flat = sum(first, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+    # two ranks split each global batch without overlap
+    r0 = next(batch_indices(10, 4, 3, 0, rank=0, world=2))
+    r1 = next(batch_indices(10, 4, 3, 0, rank=1, world=2))
+    assert not set(r0) & set(r1)
+
+
+@pytest.mark.parametrize("loss", ["hinge", "nonsaturating", "wgan-gp"])
+def test_each_loss_trains_and_writes_the_run_directory(tmp_path, loss):
+    result = run_training(tiny_recipe(train__loss=loss, train__steps=2), tmp_path / "run")
+    run = tmp_path / "run"
+    assert result.step == 2
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([r["loss_d"], r["loss_g"]])).all() for r in records)
+    assert set(records[0]["gamma"]) == {"g.attention.16", "d.attention.8"}
+    assert records[-1]["img_per_s"] > 0
+    assert json.loads((run / "config.json").read_text())["train"]["loss"] == loss
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-0000000.png", "step-0000002.png"]
+    assert latest_state(run / "state").name == "step-0000002"
+
+
+def test_bf16_and_conditional_training_on_cpu(tmp_path):
+    recipe = tiny_recipe(train__mixed_precision="bf16", model__num_classes=3, train__steps=2)
+    result = run_training(recipe, tmp_path / "run")
+    assert result.step == 2
+    assert all(torch.isfinite(p).all() for p in result.generator.parameters())
+    g, info = load_model(tmp_path / "run" / "g.safetensors", expect="generator")
+    assert info.config.num_classes == 3
+    z = torch.randn(2, 128)
+    assert not torch.equal(g(z, torch.tensor([0, 0])), g(z, torch.tensor([1, 2])))
+
+
+def test_checkpoint_metadata_round_trip(tmp_path):
+    result = run_training(tiny_recipe(), tmp_path / "run")
+    g_info = read_info(tmp_path / "run" / "g.safetensors")
+    d_info = read_info(tmp_path / "run" / "d.safetensors")
+    assert (g_info.kind, g_info.step, g_info.recipe, g_info.ema) == ("generator", 4, "tiny", True)
+    assert (d_info.kind, d_info.step) == ("discriminator", 4)
+    assert g_info.config == result.generator.config
+    ema, _ = load_model(tmp_path / "run" / "g.safetensors")
+    for name, tensor in result.ema.state_dict().items():
+        assert torch.equal(ema.state_dict()[name], tensor), name
+    # keep_checkpoints = 2: only the last two states remain
+    assert sorted(p.name for p in (tmp_path / "run" / "state").iterdir()) == ["step-0000002", "step-0000004"]
+
+
+def test_resume_is_bit_exact(tmp_path):
+    # hflip on: the augmentation's randomness must be restored too
+    straight = weights(run_training(tiny_recipe(data__hflip=True), tmp_path / "a"))
+    run_training(tiny_recipe(data__hflip=True, train__steps=2), tmp_path / "b")
+    resumed = weights(run_training(tiny_recipe(data__hflip=True), tmp_path / "b", resume=True))
+    assert straight.keys() == resumed.keys()
+    different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    assert not different
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_a_half_written_state_is_ignored(tmp_path):
+    run_training(tiny_recipe(train__steps=2), tmp_path / "run")
+    state = tmp_path / "run" / "state"
+    torn = state / ".tmp-step-0000003"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes(b"torn")
+    assert latest_state(state).name == "step-0000002"
+    result = run_training(tiny_recipe(train__steps=3), tmp_path / "run", resume=True)
+    assert result.step == 3
+
+
+def test_resume_refuses_meaningless_changes(tmp_path):
+    run_training(tiny_recipe(train__steps=2), tmp_path / "run")
+    with pytest.raises(UserError, match="model.g_ch"):
+        run_training(tiny_recipe(model__g_ch=24), tmp_path / "run", resume=True)
+    with pytest.raises(UserError, match="--resume"):
+        run_training(tiny_recipe(), tmp_path / "run")  # an existing run is never overwritten
+    with pytest.raises(UserError, match="nothing to resume"):
+        run_training(tiny_recipe(), tmp_path / "empty", resume=True)
+
+
+def test_non_finite_losses_stop_with_the_last_good_checkpoint(tmp_path):
+    # An absurd learning rate overflows the weights within a step or two.
+    recipe = tiny_recipe(train__lr_d=1e38, train__lr_g=1e38, train__steps=50, train__max_bad_steps=3,
+                         train__checkpoint_every=1)
+    with pytest.raises(UserError, match="non-finite losses for 3 consecutive steps") as info:
+        run_training(recipe, tmp_path / "run")
+    assert "last good checkpoint" in str(info.value)
+    good = latest_state(tmp_path / "run" / "state")
+    assert good is not None and str(good) in str(info.value)
+
+
+CLI = [sys.executable, "-m", "sagan_cli"]
+
+
+def write_recipe(path: Path, steps: int) -> Path:
+    path.write_text(textwrap.dedent(f"""
+        [data]
+        kind = "synthetic"
+        synthetic_size = 64
+        [model]
+        resolution = 32
+        g_ch = 16
+        d_ch = 16
+        g_attention = [16]
+        d_attention = [8]
+        [train]
+        steps = {steps}
+        batch_size = 8
+        log_every = 1
+        checkpoint_every = 1000
+        sample_every = 1000
+    """))
+    return path
+
+
+def test_cli_dry_run_and_recipe_errors(tmp_path):
+    recipe = write_recipe(tmp_path / "r.toml", 3)
+    out = subprocess.run([*CLI, "train", str(recipe), "--out", str(tmp_path / "run"), "--dry-run",
+                          "--set", "train.steps=7"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "train.steps" in out.stdout and "7" in out.stdout
+    assert not (tmp_path / "run").exists()
+    for override, key in [("train.stepz=3", "train.stepz"), ('train.steps="x"', "train.steps"),
+                          ("model.resolution=48", "model.resolution"), ("model.g_attention=[64]", "model.g_attention")]:
+        bad = subprocess.run([*CLI, "train", str(recipe), "--set", override, "--dry-run"], capture_output=True, text=True)
+        assert bad.returncode == 2, override
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1 and key in lines[0], bad.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    recipe = write_recipe(tmp_path / "r.toml", 100000)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([*CLI, "train", str(recipe), "--out", str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        log = run / "metrics.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "interrupted" in stdout
+    state = latest_state(run / "state")
+    step = read_info(run / "g.safetensors").step
+    assert state is not None and state.name == f"step-{step:07d}" and step >= 2
+
+
+TWO_RANKS = """
+import os, sys
+from safetensors.torch import save_file
+from sagan_cli.config import recipe_from_dict
+from sagan_cli.train import run_training
+raw = {raw!r}
+result = run_training(recipe_from_dict(raw, name="ddp"), sys.argv[1])
+rank = int(os.environ["RANK"])
+save_file({{k: v.contiguous() for k, v in result.generator.state_dict().items()}}, f"{{sys.argv[1]}}.rank{{rank}}.safetensors")
+"""
+
+
+def test_two_processes_on_cpu_stay_in_sync_and_only_rank0_writes(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(TWO_RANKS.format(raw=TINY))
+    run = tmp_path / "run"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--standalone", str(script), str(run)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r0, r1 = (load_file(f"{run}.rank{r}.safetensors") for r in (0, 1))
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    # one progress bar, one log, one set of exports; each rank saved only its own RNG state
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert out.stdout.count("step 4/4") <= 1
+    state = latest_state(run / "state")
+    assert sorted(p.name for p in state.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "d.safetensors", "g.safetensors",
+                                                     "metrics.jsonl", "samples", "state"]
