@@ -38,6 +38,7 @@ from sagan_cli.losses import d_loss, g_loss, gradient_penalty
 from sagan_cli.models import Discriminator, Generator, gammas
 
 GRID_SEED_OFFSET = 7919  # the fixed grid noise must not coincide with the training noise stream
+STRUCTURE_SAMPLES = 256  # synthetic data: images scored by the structure checker at each sample grid
 # Keys whose change would make a saved state meaningless: refused on --resume.
 FROZEN_ON_RESUME = ("train.mixed_precision", "train.ema")
 
@@ -53,9 +54,9 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, generator: nn.Module, step: int) -> None:
         decay = self.decay if step >= self.start else 0.0
-        for ema_p, p in zip(self.model.parameters(), generator.parameters()):
+        for ema_p, p in zip(self.model.parameters(), generator.parameters(), strict=True):
             ema_p.lerp_(p.detach(), 1.0 - decay)
-        for ema_b, b in zip(self.model.buffers(), generator.buffers()):
+        for ema_b, b in zip(self.model.buffers(), generator.buffers(), strict=True):
             ema_b.copy_(b)
 
 
@@ -110,8 +111,8 @@ def _check_resume(recipe: Recipe, run_dir: Path) -> None:
             )
 
 
-def _grid_inputs(recipe: Recipe, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    g = torch.Generator().manual_seed(recipe.train.seed + GRID_SEED_OFFSET)
+def _grid_inputs(recipe: Recipe, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(recipe.train.seed + GRID_SEED_OFFSET + offset)
     z = torch.randn(n, recipe.model.z_dim, generator=g)
     k = recipe.model.num_classes
     y = torch.arange(n) * k // n if k else None  # classes spread evenly over the grid
@@ -244,9 +245,20 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
             save_model(run_dir / "g.safetensors", exported, step=progress.step, recipe=recipe.name, ema=ema is not None)
             save_model(run_dir / "d.safetensors", raw_d, step=progress.step, recipe=recipe.name)
 
+    score_z, score_y = _grid_inputs(recipe, STRUCTURE_SAMPLES, offset=1)
+
     def sample_grid() -> None:
-        images = _generate(ema.model if ema is not None else raw_g, grid_z, grid_y, device)
-        _save_grid(images, run_dir / "samples" / f"step-{progress.step:07d}.png")
+        """Fixed-noise grid; on synthetic data also the structure scores of the same generator."""
+        sampler = ema.model if ema is not None else raw_g
+        _save_grid(_generate(sampler, grid_z, grid_y, device), run_dir / "samples" / f"step-{progress.step:07d}.png")
+        if recipe.data.kind == "synthetic":
+            from sagan_cli.structure import score_images
+
+            scores = score_images(_generate(sampler, score_z, score_y, device), recipe.data.synthetic_blobs_per_side)
+            log_file.write(json.dumps({"step": progress.step, "structure": scores}) + "\n")
+            log_file.flush()
+            bar.console.print(f"step {progress.step}: valid layouts {scores['valid_fraction']:.1%}, "
+                              f"symmetry ratio {scores['symmetry_ratio']:.2f}, blobs {scores['mean_blobs']:.2f}")
 
     bar = Progress(
         TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
