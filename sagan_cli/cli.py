@@ -45,7 +45,7 @@ def _root(
 )
 def train(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe (see recipes/).", show_default=False)],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory. [default: runs/RECIPE_NAME]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory. \\[default: runs/RECIPE_NAME]")] = None,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a recipe key: table.key=value (repeatable).")
     ] = None,
@@ -68,19 +68,19 @@ def train(
 # --- sample (issue 4) ---
 
 DeviceOption = Annotated[
-    str | None, typer.Option("--device", help="cpu, cuda or cuda:N. [default: cuda if available, else cpu]")
+    str | None, typer.Option("--device", help="cpu, cuda or cuda:N. (default: cuda if available, else cpu)")
 ]
 ClassOption = Annotated[int | None, typer.Option("--class", help="Class label, for a class-conditional model.")]
 
 
 @app.command(epilog="Example: sagan sample --ckpt runs/quick/g.safetensors -n 1000 --out samples/ --seed 1")
 def sample(
-    ckpt: Annotated[Path, typer.Option("--ckpt", help="Generator checkpoint (a run's g.safetensors).", show_default=False)],
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="Generator checkpoint (a run's g.safetensors).")],
     n: Annotated[int, typer.Option("-n", "--num", help="Number of images.")] = 64,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("samples"),
     seed: Annotated[int, typer.Option("--seed", help="Noise seed: the same seed gives byte-identical files.")] = 0,
     class_: Annotated[
-        int | None, typer.Option("--class", help="Class of every image (conditional G). [default: all classes, evenly]")
+        int | None, typer.Option("--class", help="Class of every image (conditional G; default: all classes, evenly)")
     ] = None,
     truncation: Annotated[
         float | None, typer.Option("--truncation", help="Draw noise from a normal truncated to [-T, T].")
@@ -110,15 +110,16 @@ def sample(
 
 def attn_map(
     image: Annotated[
-        Path | None, typer.Argument(help="Image for a discriminator checkpoint (any format Pillow reads); omit with a generator.", show_default=False)
+        Path | None, typer.Argument(help="Image D looks at (any format Pillow reads); omit with a generator.")
     ] = None,
-    ckpt: Annotated[Path, typer.Option("--ckpt", help="d.safetensors (looks at IMAGE) or g.safetensors (looks at its own sample).", show_default=False)] = ...,
+    # required (`...`): it follows the optional IMAGE, so it needs a default in Python
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="d.safetensors (looks at IMAGE) or g.safetensors.")] = ...,
     points: Annotated[
         list[str] | None,
-        typer.Option("--points", "-p", help="Query pixel x,y in the model-resolution image (repeatable). [default: centre and quarter points]"),
+        typer.Option("--points", "-p", help="Query pixel x,y of the model-size image (repeatable; default: 5 spread)."),
     ] = None,
     layers: Annotated[
-        list[str] | None, typer.Option("--layer", help="Attention layer, e.g. attention.32 (repeatable). [default: all]")
+        list[str] | None, typer.Option("--layer", help="Attention layer, e.g. attention.32 (repeatable; default: all)")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Generator checkpoints: noise seed of the image to draw.")] = 0,
     class_: ClassOption = None,
@@ -128,7 +129,7 @@ def attn_map(
     ] = None,
     device: DeviceOption = None,
 ) -> None:
-    """Show where each self-attention layer looks from chosen query pixels (the paper's Fig. 1). Alias: visualize-attention."""
+    """Show where each attention layer looks from chosen pixels (paper Fig. 1). Alias: visualize-attention."""
     from sagan_cli.attention import attention_map
 
     attention_map(
@@ -137,7 +138,7 @@ def attn_map(
     print(f"wrote {out}" + (f" and {json_path}" if json_path else ""))
 
 
-_ATTN_EPILOG = "Example: sagan attn-map photo.jpg --ckpt runs/quick/d.safetensors --points 16,16 --points 40,20 --json attn.json"
+_ATTN_EPILOG = "Example: sagan attn-map photo.jpg --ckpt runs/quick/d.safetensors -p 16,16 -p 40,20 --json attn.json"
 app.command("attn-map", epilog=_ATTN_EPILOG)(attn_map)
 app.command("visualize-attention", hidden=True, epilog=_ATTN_EPILOG)(attn_map)
 
@@ -185,6 +186,30 @@ def eval_(
                  device=device, seed=seed, json_path=json_path, verbose=not quiet)
 
 # --- info (issue 6) ---
+
+
+@app.command(epilog="Example: sagan info --json")
+def info(
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Versions, devices (CPU threads, CUDA GPUs, bf16) and whether FID's Inception weights are available offline."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from sagan_cli.info import system_info
+
+    details = system_info()
+    if as_json:
+        print(json.dumps(details, indent=2))
+        return
+    table = Table(title="sagan info", show_header=False)
+    for key, value in details.items():
+        if key == "cuda_gpus":
+            value = "; ".join(f"{g['index']}: {g['name']}, {g['memory_gib']} GiB, bf16 {g['bf16']}" for g in value) or "none"
+        table.add_row(key, "not found" if value is None else str(value))
+    Console().print(table)
 
 
 def main() -> None:

@@ -1,0 +1,243 @@
+"""Generate images from a generator checkpoint: seeded noise, class labels, truncation, PNG/NPZ output.
+
+All noise is drawn up front on the CPU from one seeded generator, so a seed names the same images
+whatever the batch size or device; batching only decides how the work is split.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.nn.utils import parametrize
+from torchvision.utils import make_grid
+
+from sagan_cli.checkpoint import atomic_write, load_model
+from sagan_cli.errors import UserError
+
+FORMATS = ("png", "npz")
+GRID_MAX = 64  # images shown in grid.png; more would make an unreadable poster
+PNG_LEVEL = 1  # zlib level: ~3x faster than Pillow's default 6 for ~10% larger files
+WRITERS = 4  # PNG writer threads (zlib releases the GIL, so they overlap with the generator)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` -> cuda when available, else cpu; an unknown or missing device is a UserError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for CUDA, but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def make_noise(n: int, z_dim: int, *, seed: int, truncation: float | None = None) -> torch.Tensor:
+    """[n, z_dim] standard normal noise; with `truncation` T every entry is redrawn into [-T, T]."""
+    gen = torch.Generator().manual_seed(seed)
+    if truncation is None:
+        return torch.randn(n, z_dim, generator=gen)
+    if not truncation > 0:
+        raise UserError(f"--truncation must be > 0 (e.g. 0.5 or 1.0), got {truncation}")
+    z = torch.empty(n, z_dim)
+    return nn.init.trunc_normal_(z, 0.0, 1.0, -truncation, truncation, generator=gen)
+
+
+def make_labels(n: int, num_classes: int, classes: int | Sequence[int] | None) -> torch.Tensor | None:
+    """Class labels for n images: None for an unconditional model; by default classes in equal runs."""
+    if num_classes == 0:
+        if classes is not None:
+            raise UserError("--class was given, but this model is unconditional (num_classes = 0); drop --class")
+        return None
+    if classes is None:
+        return torch.arange(n) * num_classes // n  # 0,0,..,1,1,..: every class, in equal runs
+    labels = torch.full((n,), classes) if isinstance(classes, int) else torch.as_tensor(list(classes))
+    if labels.shape != (n,):
+        raise UserError(f"give one class or exactly {n} labels, got {labels.numel()}")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise UserError(f"--class {int(bad[0])} is out of range: this model has classes 0-{num_classes - 1}")
+    return labels.long()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> [0, 255] uint8, rounded to nearest (as torchvision's save_image does)."""
+    return images.add(1).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def iter_generate(
+    generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None, *, batch_size: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Yield uint8 CPU batches [b, 3, H, W] of G(z, labels) in eval mode, without autograd.
+
+    Eval mode makes spectral norm use its stored singular vectors (no power iteration) and BatchNorm
+    its running statistics, so an image does not depend on its batch-mates. The caller's train/eval
+    mode is restored afterwards.
+    """
+    was_training = generator.training
+    generator.eval()
+    try:
+        with torch.inference_mode(), parametrize.cached():
+            for start in range(0, z.shape[0], batch_size):
+                zb = z[start : start + batch_size].to(device, non_blocking=True)
+                yb = None if labels is None else labels[start : start + batch_size].to(device)
+                yield to_uint8(generator(zb, yb)).cpu()
+    finally:
+        generator.train(was_training)
+
+
+def _check_counts(n: int, batch_size: int) -> None:
+    if n <= 0:
+        raise UserError(f"-n must be a positive number of images, got {n}")
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be > 0, got {batch_size}")
+
+
+def generate(
+    generator: nn.Module,
+    n: int,
+    *,
+    seed: int = 0,
+    classes: int | Sequence[int] | None = None,
+    truncation: float | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n images from `generator` as uint8 [n, 3, H, W] on the CPU, and their labels (None if unconditional).
+
+    `device` defaults to the generator's own device; the generator is moved there if needed.
+    """
+    _check_counts(n, batch_size)
+    cfg = generator.config
+    dev = next(generator.parameters()).device if device is None else resolve_device(device)
+    generator.to(dev)
+    z = make_noise(n, cfg.z_dim, seed=seed, truncation=truncation)
+    labels = make_labels(n, cfg.num_classes, classes)
+    images = torch.cat(list(iter_generate(generator, z, labels, batch_size=batch_size, device=dev)))
+    return images, labels
+
+
+def grid_indices(n: int) -> torch.Tensor:
+    """The (at most GRID_MAX) images grid.png shows: evenly spread over the set, so every class shows."""
+    return torch.linspace(0, n - 1, min(n, GRID_MAX)).round().long().unique()
+
+
+def grid_image(images: torch.Tensor) -> Image.Image:
+    """uint8 [k, 3, H, W] -> one square grid image with 2-pixel black gutters."""
+    grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), padding=2, pad_value=0)
+    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    atomic_write(path, lambda tmp: img.save(tmp, format="png", compress_level=PNG_LEVEL))
+
+
+def _write_pngs(batch: torch.Tensor, start: int, out_dir: Path) -> None:
+    for i, arr in enumerate(batch.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(arr).save(out_dir / f"{start + i:06d}.png", compress_level=PNG_LEVEL)
+
+
+def _prepare_out(out_dir: Path) -> None:
+    """Create the output folder now, so a bad path fails before any work is done."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a folder for the samples")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # can we create files there?
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder") from None
+
+
+def _progress(total: int, enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("sampling"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not enabled,
+    )
+
+
+def sample_images(
+    ckpt_path: str | Path,
+    n: int,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    classes: int | Sequence[int] | None = None,
+    truncation: float | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    fmt: str = "png",
+    progress: bool = False,
+) -> Path:
+    """Write n samples of a generator checkpoint into out_dir; return the folder (png) or the .npz file.
+
+    png: 000000.png, 000001.png, ... and grid.png.  npz: samples.npz holding `images` (uint8
+    [n, H, W, 3]) and `labels` (int64 [n], -1 for an unconditional model), plus grid.png.
+    """
+    _check_counts(n, batch_size)
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    dev = resolve_device(device)
+    generator, _ = load_model(ckpt_path, expect="generator", device=dev)
+    generator.to(memory_format=torch.channels_last)  # measured 1.5-2x faster convolutions on CPU
+    cfg = generator.config
+    z = make_noise(n, cfg.z_dim, seed=seed, truncation=truncation)
+    labels = make_labels(n, cfg.num_classes, classes)
+    out_dir = Path(out_dir)
+    _prepare_out(out_dir)
+
+    picks = grid_indices(n)
+    shown: list[torch.Tensor] = []
+    everything = np.empty((n, cfg.resolution, cfg.resolution, 3), np.uint8) if fmt == "npz" else None
+    pending: deque[Future] = deque()
+    pool = ThreadPoolExecutor(WRITERS) if fmt == "png" else None
+    try:
+        with _progress(n, progress and n > batch_size) as bar, pool or nullcontext():
+            task = bar.add_task("sampling", total=n)
+            start = 0
+            for batch in iter_generate(generator, z, labels, batch_size=batch_size, device=dev):
+                end = start + batch.shape[0]
+                shown.append(batch[picks[(picks >= start) & (picks < end)] - start])
+                if everything is not None:
+                    everything[start:end] = batch.permute(0, 2, 3, 1).numpy()
+                else:
+                    pending.append(pool.submit(_write_pngs, batch, start, out_dir))
+                    while len(pending) > 2 * WRITERS:  # bound the batches waiting in memory
+                        pending.popleft().result()
+                start = end
+                bar.update(task, completed=start)
+            while pending:
+                pending.popleft().result()
+        _save_png(grid_image(torch.cat(shown)), out_dir / "grid.png")
+        if everything is not None:
+            path = out_dir / "samples.npz"
+            label_array = (labels if labels is not None else torch.full((n,), -1)).numpy().astype(np.int64)
+            atomic_write(path, lambda tmp: _savez(tmp, {"images": everything, "labels": label_array}))
+            return path
+    except OSError as exc:
+        raise UserError(
+            f"writing samples to {out_dir} failed ({exc.strerror or exc}); check free space and permissions"
+        ) from None
+    return out_dir
+
+
+def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
+    with open(tmp, "wb") as f:  # a file object, or numpy would append ".npz" to the temporary name
+        np.savez(f, **arrays)
