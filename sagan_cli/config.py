@@ -112,7 +112,7 @@ class TrainConfig:
 class EvalConfig:
     every: int = 0  # steps between evaluations during training (0: never)
     num_samples: int = 5000  # generated images per evaluation
-    metrics: list[str] = field(default_factory=lambda: ["fid"])  # any of fid, isc, kid, prc
+    metrics: list[str] = field(default_factory=lambda: ["fid"])  # any of fid, isc, kid, prc, structure
     inception_weights: str = ""  # path to torch-fidelity's Inception weights (offline use)
     batch_size: int = 64  # generator batch size while evaluating
 
@@ -139,7 +139,7 @@ CHOICES = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.loss": ("hinge", "nonsaturating", "wgan-gp"),
 }
-METRICS = ("fid", "isc", "kid", "prc")
+METRICS = ("fid", "isc", "kid", "prc", "structure")  # structure: synthetic data only, no weights
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
@@ -269,6 +269,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"recipe {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read recipe {path} ({exc.strerror or exc}); check its permissions") from None
     for text in overrides:
         table, key, value = parse_override(text)
         raw.setdefault(table, {})
@@ -280,7 +282,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 def recipe_from_json(path: str | Path) -> Recipe:
     """Re-read a run's config.json (the resolved recipe saved at the start of training)."""
-    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not a readable resolved recipe ({exc}); give a run's config.json "
+                        "as written by `sagan train`") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a resolved recipe (a JSON object); give a run's config.json")
     name = raw.pop("name", "recipe")
     return recipe_from_dict(raw, name=name)
 

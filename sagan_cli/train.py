@@ -179,6 +179,8 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
         except OSError as exc:
             raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror}; choose another --out") from None
     set_seed(t.seed)
+    if recipe.eval.every:
+        _check_eval(recipe)  # missing Inception weights fail now, not hours into the run
 
     dataset: Dataset = build_dataset(recipe.data, m.resolution, m.num_classes)
     generator, discriminator = Generator(m), Discriminator(m)
@@ -260,6 +262,24 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
             bar.console.print(f"step {progress.step}: valid layouts {scores['valid_fraction']:.1%}, "
                               f"symmetry ratio {scores['symmetry_ratio']:.2f}, blobs {scores['mean_blobs']:.2f}")
 
+    def evaluate() -> None:
+        """FID & co. on the EMA generator; keeps the best-FID generator as g_best.safetensors."""
+        from sagan_cli.metrics import evaluate_generator
+
+        sampler = ema.model if ema is not None else raw_g
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave training's RNG alone
+            scores = evaluate_generator(sampler, recipe, num_samples=recipe.eval.num_samples,
+                                        metrics=recipe.eval.metrics, device=device,
+                                        batch_size=recipe.eval.batch_size, seed=t.seed)
+        log_file.write(json.dumps({"step": progress.step, "eval": scores}) + "\n")
+        log_file.flush()
+        bar.console.print(f"step {progress.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+        if "fid" in scores and scores["fid"] < progress.best_fid:
+            progress.best_fid = scores["fid"]
+            save_model(run_dir / "g_best.safetensors", sampler, step=progress.step, recipe=recipe.name, ema=ema is not None)
+        if t.tensorboard:
+            accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=progress.step)
+
     bar = Progress(
         TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not main,
@@ -310,6 +330,10 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
                 bar.update(task, completed=progress.step)
                 if main and (progress.step % t.sample_every == 0 or last_step):
                     sample_grid()
+                if recipe.eval.every and (progress.step % recipe.eval.every == 0 or last_step):
+                    if main:
+                        evaluate()
+                    accelerator.wait_for_everyone()
                 if progress.step % t.checkpoint_every == 0 or last_step:
                     checkpoint()
                 if _any_process(accelerator, stop_requested):
@@ -389,6 +413,14 @@ def train_step(
     if g_ok:
         opt_g.step()
     return StepOutput(loss_d.detach(), loss_g.detach(), d_real.detach().mean(), d_fake.detach().mean(), d_ok, g_ok)
+
+
+def _check_eval(recipe: Recipe) -> None:
+    from sagan_cli.metrics import INCEPTION_METRICS, find_inception_weights, parse_metrics
+
+    chosen = parse_metrics(recipe.eval.metrics, recipe.data)
+    if any(m in INCEPTION_METRICS for m in chosen):
+        find_inception_weights(recipe.eval.inception_weights or None)
 
 
 def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:

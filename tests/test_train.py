@@ -237,3 +237,22 @@ def test_two_processes_on_cpu_stay_in_sync_and_only_rank0_writes(tmp_path):
     assert sorted(p.name for p in state.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "d.safetensors", "g.safetensors",
                                                      "metrics.jsonl", "samples", "state"]
+
+
+def test_evaluation_during_training_is_logged_and_leaves_training_unchanged(tmp_path):
+    plain = weights(run_training(tiny_recipe(), tmp_path / "plain"))
+    recipe = tiny_recipe(eval__every=2, eval__num_samples=16, eval__metrics=["structure"])
+    evaluated = weights(run_training(recipe, tmp_path / "eval"))
+    assert all(torch.equal(plain[k], evaluated[k]) for k in plain)  # evaluation draws from its own RNG
+    lines = [json.loads(x) for x in (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval" in x]
+    assert [x["step"] for x in evals] == [2, 4]
+    assert 0 <= evals[0]["eval"]["structure_valid_fraction"] <= 1
+
+
+def test_missing_inception_weights_fail_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    monkeypatch.delenv("SAGAN_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(UserError, match="Inception weights"):
+        run_training(tiny_recipe(eval__every=2, eval__metrics=["fid"]), tmp_path / "run")
+    assert not (tmp_path / "run" / "state").exists()
