@@ -116,7 +116,8 @@ def load_model(path: str | Path, expect: str | None = None, device: str | torch.
         state = load_file(str(path))
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]  # the detail
         raise UserError(f"{path}: its weights do not match its model config ({first}); the file is damaged or not from sagan") from None
     return model.to(device).eval(), info
 

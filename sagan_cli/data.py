@@ -47,11 +47,11 @@ def open_image(path: str | Path) -> Image.Image:
     """Open any image Pillow reads, as RGB; a missing or unreadable file is a UserError."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"image {path} does not exist")
+        raise UserError(f"image {path} " + ("is not a file; give an image file" if path.exists() else "does not exist"))
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, *DECODE_ERRORS) as exc:  # incl. Pillow's DecompressionBombError
         raise UserError(f"cannot read image {path}: {exc}") from None
 
 

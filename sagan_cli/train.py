@@ -41,6 +41,7 @@ GRID_SEED_OFFSET = 7919  # the fixed grid noise must not coincide with the train
 STRUCTURE_SAMPLES = 256  # synthetic data: images scored by the structure checker at each sample grid
 # Keys whose change would make a saved state meaningless: refused on --resume.
 FROZEN_ON_RESUME = ("train.mixed_precision", "train.ema")
+RUN_FILES = ("config.json", "g.safetensors", "d.safetensors")  # a folder holding any of these is a run
 
 
 class EMA(nn.Module):
@@ -158,7 +159,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
         if latest_state(state_root) is None or not (run_dir / "config.json").is_file():
             raise UserError(f"nothing to resume in {run_dir} (no state/ checkpoint); drop --resume to start a new run")
         _check_resume(recipe, run_dir)
-    elif latest_state(state_root) is not None:
+    elif latest_state(state_root) is not None or any((run_dir / f).exists() for f in RUN_FILES):
         raise UserError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
 
     # Accelerate keeps process-wide settings; drop them (not the process group) so a second run in
@@ -171,6 +172,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
     )
     console = console or Console()
     main = accelerator.is_main_process
+    dataset: Dataset = build_dataset(recipe.data, m.resolution, m.num_classes)  # a bad data.path fails here
     if main:
         print_recipe(recipe, run_dir, console)
         try:
@@ -182,7 +184,6 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
     if recipe.eval.every:
         _check_eval(recipe)  # missing Inception weights fail now, not hours into the run
 
-    dataset: Dataset = build_dataset(recipe.data, m.resolution, m.num_classes)
     generator, discriminator = Generator(m), Discriminator(m)
     if t.channels_last:
         generator, discriminator = generator.to(memory_format=torch.channels_last), discriminator.to(memory_format=torch.channels_last)
