@@ -1,0 +1,104 @@
+"""safetensors checkpoints: round trip, metadata, refusals, atomic writes."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sagan_cli.checkpoint import atomic_write, load_model, read_info, save_model
+from sagan_cli.config import ModelConfig
+from sagan_cli.errors import UserError
+from sagan_cli.models import build_models
+
+CFG = ModelConfig(arch="resnet", resolution=32, num_classes=3, z_dim=16, g_ch=8, d_ch=8,
+                  attention="paper", g_attention=[16], d_attention=[8])
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A G and D whose BatchNorm statistics, spectral-norm vectors and gammas differ from a fresh build."""
+    torch.manual_seed(0)
+    g, d = build_models(CFG)
+    for model in (g, d):
+        for layer in model.modules():
+            if hasattr(layer, "gamma"):
+                with torch.no_grad():
+                    layer.gamma.fill_(0.3)
+    with torch.no_grad():
+        for _ in range(3):
+            d(g(torch.randn(4, 16), torch.tensor([0, 1, 2, 0])), torch.tensor([0, 1, 2, 0]))
+    return g.eval(), d.eval()
+
+
+def test_round_trip_gives_identical_outputs_and_metadata(tmp_path, trained):
+    g, d = trained
+    save_model(tmp_path / "g.safetensors", g, step=123, recipe="mine", ema=True)
+    save_model(tmp_path / "d.safetensors", d, step=124)
+    g2, info = load_model(tmp_path / "g.safetensors", expect="generator")
+    d2, dinfo = load_model(tmp_path / "d.safetensors")
+    assert (info.kind, info.config, info.step, info.recipe, info.ema) == ("generator", CFG, 123, "mine", True)
+    assert (dinfo.kind, dinfo.step, dinfo.recipe, dinfo.ema) == ("discriminator", 124, "recipe", False)
+    assert not g2.training and not d2.training
+    z, y = torch.randn(3, 16), torch.tensor([2, 1, 0])
+    with torch.no_grad():
+        images = g(z, y)
+        assert torch.equal(g2(z, y), images)
+        assert torch.equal(d2(images, y), d(images, y))
+        assert not torch.equal(build_models(CFG)[0].eval()(z, y), images)  # the weights really came from the file
+    assert read_info(tmp_path / "g.safetensors").config == CFG
+
+
+def test_wrong_kind_is_refused(tmp_path, trained):
+    save_model(tmp_path / "d.safetensors", trained[1], step=1)
+    with pytest.raises(UserError, match="holds a discriminator"):
+        load_model(tmp_path / "d.safetensors", expect="generator")
+
+
+def test_unreadable_files_are_user_errors(tmp_path, trained):
+    with pytest.raises(UserError, match="does not exist"):
+        load_model(tmp_path / "missing.safetensors")
+    with pytest.raises(UserError, match="not a file"):
+        load_model(tmp_path)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00\x01not a safetensors file at all" * 10)
+    with pytest.raises(UserError, match="not a safetensors checkpoint"):
+        load_model(garbage)
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="not a sagan checkpoint"):
+        load_model(foreign)
+
+
+def test_damaged_metadata_and_mismatched_weights(tmp_path, trained):
+    good = tmp_path / "g.safetensors"
+    save_model(good, trained[0], step=5)
+    tensors = load_file(str(good))
+    meta = {"sagan.kind": "generator", "sagan.step": "5"}
+    save_file(tensors, str(tmp_path / "bad_config.safetensors"), metadata={**meta, "sagan.config": "{oops"})
+    with pytest.raises(UserError, match="damaged model config"):
+        load_model(tmp_path / "bad_config.safetensors")
+    other = json.dumps({**CFG.to_dict(), "g_ch": 16})
+    save_file(tensors, str(tmp_path / "mismatch.safetensors"), metadata={**meta, "sagan.config": other})
+    with pytest.raises(UserError, match="do not match"):
+        load_model(tmp_path / "mismatch.safetensors")
+
+
+def test_writes_are_atomic(tmp_path, trained):
+    path = tmp_path / "g.safetensors"
+    save_model(path, trained[0], step=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["g.safetensors"]  # no temp file left behind
+    before = path.read_bytes()
+
+    def crash(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half a file")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, crash)
+    assert path.read_bytes() == before  # the previous checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["g.safetensors"]
+    assert load_model(path)[1].step == 1
+    save_model(tmp_path / "new" / "dir" / "g.safetensors", trained[0], step=2)  # parents are created
+    assert read_info(tmp_path / "new" / "dir" / "g.safetensors").step == 2
