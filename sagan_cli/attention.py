@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from torch import nn
 
 from sagan_cli.checkpoint import atomic_write, load_model
 from sagan_cli.data import image_to_tensor, open_image
-from sagan_cli.errors import UserError
+from sagan_cli.errors import UserError, check_writable
 from sagan_cli.layers import SelfAttention
 from sagan_cli.models import attention_layers
 from sagan_cli.sample import generate, make_labels, resolve_device, to_uint8
@@ -215,9 +214,9 @@ def attention_map(
     Discriminator checkpoint: attention while D looks at IMAGE. Generator checkpoint: attention
     while G draws the image of noise `seed` (and class `class_` if conditional).
     """
-    _check_writable(Path(out), "--out")  # before any work, and before --out is replaced by a failing run
+    check_writable(Path(out), "--out")  # before any work, and before --out is replaced by a failing run
     if json_path is not None:
-        _check_writable(Path(json_path), "--json")
+        check_writable(Path(json_path), "--json")
     dev = resolve_device(device)
     model, kind = _load(ckpt, image, dev)
     cfg, resolution = model.config, model.config.resolution
@@ -248,16 +247,6 @@ def attention_map(
         text = json.dumps(result, indent=2) + "\n"
         _write(Path(json_path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), "--json")
     return result
-
-
-def _check_writable(path: Path, option: str) -> None:
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path.parent).close()
-    except OSError as exc:
-        raise UserError(f"cannot write {option} {path} ({exc.strerror or exc}); choose a writable path") from None
 
 
 def _write(path: Path, write, option: str) -> None:

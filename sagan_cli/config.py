@@ -90,12 +90,12 @@ class TrainConfig:
     lr_g: float = 1e-4  # two time-scale update rule: G slower ...
     lr_d: float = 4e-4  # ... than D
     beta1: float = 0.0  # Adam betas, as in the paper
-    beta2: float = 0.9
+    beta2: float = 0.9  # second-moment decay (beta1 = 0: no momentum, as in the paper)
     loss: str = "hinge"  # hinge | nonsaturating | wgan-gp
     gp_weight: float = 10.0  # wgan-gp: gradient penalty weight
     d_steps: int = 1  # discriminator updates per generator update
     ema: bool = True  # keep an exponential moving average of G (exported as g.safetensors)
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999  # weight of the running average at each step (0.999: ~1000-step horizon)
     ema_start: int = 1000  # EMA copies G until this step, then averages
     checkpoint_every: int = 1000  # steps between checkpoints (and always at the last step)
     keep_checkpoints: int = 2  # resumable states kept in state/
