@@ -120,25 +120,6 @@ def _grid_inputs(recipe: Recipe, n: int, offset: int = 0) -> tuple[torch.Tensor,
     return z, y
 
 
-@torch.no_grad()
-def _generate(generator: nn.Module, z: torch.Tensor, y: torch.Tensor | None, device: torch.device, batch: int = 64) -> torch.Tensor:
-    was_training = generator.training
-    generator.eval()
-    out = []
-    for i in range(0, len(z), batch):
-        yi = None if y is None else y[i : i + batch].to(device)
-        out.append(generator(z[i : i + batch].to(device), yi).float().cpu())
-    generator.train(was_training)
-    return torch.cat(out)
-
-
-def _save_grid(images: torch.Tensor, path: Path) -> None:
-    from torchvision.utils import save_image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, str(path), nrow=max(1, int(math.sqrt(len(images)))), normalize=True, value_range=(-1, 1))
-
-
 @dataclass
 class TrainResult:
     generator: Generator  # the trained G (unwrapped)
@@ -252,12 +233,18 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
 
     def sample_grid() -> None:
         """Fixed-noise grid; on synthetic data also the structure scores of the same generator."""
+        from sagan_cli.sample import grid_image, iter_generate
+
         sampler = ema.model if ema is not None else raw_g
-        _save_grid(_generate(sampler, grid_z, grid_y, device), run_dir / "samples" / f"step-{progress.step:07d}.png")
+        grid = torch.cat(list(iter_generate(sampler, grid_z, grid_y, batch_size=64, device=device)))
+        path = run_dir / "samples" / f"step-{progress.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid_image(grid).save(path)
         if recipe.data.kind == "synthetic":
             from sagan_cli.structure import score_images
 
-            scores = score_images(_generate(sampler, score_z, score_y, device), recipe.data.synthetic_blobs_per_side)
+            images = torch.cat(list(iter_generate(sampler, score_z, score_y, batch_size=64, device=device)))
+            scores = score_images(images, recipe.data.synthetic_blobs_per_side)
             log_file.write(json.dumps({"step": progress.step, "structure": scores}) + "\n")
             log_file.flush()
             bar.console.print(f"step {progress.step}: valid layouts {scores['valid_fraction']:.1%}, "
