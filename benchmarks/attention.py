@@ -88,7 +88,7 @@ def measure_time(variant: str, batch: int, channels: int, size: int, device: str
     result = {p: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t)} for p, t in times.items()}
     # the speed-up as the median of per-round ratios: each round's two runs saw about the same load
     if "reference" in times:
-        result["speedup"] = statistics.median(r / f for r, f in zip(times["reference"], times["fused"]))
+        result["speedup"] = statistics.median(r / f for r, f in zip(times["reference"], times["fused"], strict=True))
     return result
 
 
@@ -216,11 +216,11 @@ def main() -> None:
         channels = args.channels or [64] * len(args.sizes)
         if len(channels) == 1:
             channels = channels * len(args.sizes)
-        configs = list(zip(args.sizes, channels))
+        configs = list(zip(args.sizes, channels, strict=True))
     else:
         configs = list(SMALL_CONFIGS if args.small else DEFAULT_CONFIGS)
         if args.channels:
-            configs = [(s, c) for (s, _), c in zip(configs, args.channels)]
+            configs = [(s, c) for (s, _), c in zip(configs, args.channels, strict=False)]
     header()
     for device in devices:
         for variant in args.variants:

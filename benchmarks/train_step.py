@@ -70,25 +70,16 @@ def build(name: str, device: str, batch: int, precision: str, compiled: bool, ch
 
     from sagan_cli.config import Recipe, TrainConfig
     from sagan_cli.data import SyntheticBlobs
-    from sagan_cli.models import Discriminator, Generator
+    from sagan_cli.train import prepare_models
 
     m = model_config(name)
     t = TrainConfig(batch_size=batch, mixed_precision={"fp32": "no"}.get(precision, precision),
-                    compile=compiled, channels_last=channels_last)
+                    compile=compiled, channels_last=channels_last, ema=False)  # EMA: not part of the timed step
     recipe = Recipe(name="benchmark", model=m, train=t)
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=device == "cpu")
     set_seed(0)
-    # --- as in run_training ---
-    generator, discriminator = Generator(m), Discriminator(m)
-    if t.channels_last:
-        generator, discriminator = generator.to(memory_format=torch.channels_last), discriminator.to(memory_format=torch.channels_last)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2))
-    if t.compile:
-        generator.compile()
-        discriminator.compile()
-    generator, discriminator, opt_g, opt_d = accelerator.prepare(generator, discriminator, opt_g, opt_d)
+    generator, discriminator, opt_g, opt_d, _ = prepare_models(recipe, accelerator)  # as run_training does
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     # --- a fixed batch of real images instead of the DataLoader ---
     data = SyntheticBlobs(batch, m.resolution, num_classes=m.num_classes)
@@ -110,7 +101,7 @@ def measure(name: str, device: str, batch: int, precision: str, compiled: bool, 
     args = build(name, device, batch, precision, compiled, channels_last)
     memory.start()
     times = []
-    for i in range(warmup + int(compiled) + iters):
+    for _ in range(warmup + int(compiled) + iters):
         start = time.perf_counter()
         out = train_step(*args)
         sync(device)

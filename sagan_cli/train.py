@@ -120,6 +120,28 @@ def _grid_inputs(recipe: Recipe, n: int, offset: int = 0) -> tuple[torch.Tensor,
     return z, y
 
 
+def prepare_models(recipe: Recipe, accelerator: Accelerator):
+    """G, D, their Adam optimizers (TTUR) and the EMA, laid out, compiled and `prepare`d as training uses them.
+
+    Returns (generator, discriminator, opt_g, opt_d, ema or None); the benchmarks time exactly this.
+    """
+    t, m = recipe.train, recipe.model
+    generator, discriminator = Generator(m), Discriminator(m)
+    if t.channels_last:
+        generator = generator.to(memory_format=torch.channels_last)
+        discriminator = discriminator.to(memory_format=torch.channels_last)
+    ema = EMA(generator, t.ema_decay, t.ema_start) if t.ema else None
+    opt_g = torch.optim.Adam(generator.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2))
+    opt_d = torch.optim.Adam(discriminator.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2))
+    if t.compile:
+        generator.compile()
+        discriminator.compile()
+    generator, discriminator, opt_g, opt_d = accelerator.prepare(generator, discriminator, opt_g, opt_d)
+    if ema is not None:
+        ema.to(accelerator.device)
+    return generator, discriminator, opt_g, opt_d, ema
+
+
 @dataclass
 class TrainResult:
     generator: Generator  # the trained G (unwrapped)
@@ -165,20 +187,10 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
     if recipe.eval.every:
         _check_eval(recipe)  # missing Inception weights fail now, not hours into the run
 
-    generator, discriminator = Generator(m), Discriminator(m)
-    if t.channels_last:
-        generator, discriminator = generator.to(memory_format=torch.channels_last), discriminator.to(memory_format=torch.channels_last)
-    ema = EMA(generator, t.ema_decay, t.ema_start) if t.ema else None
-    opt_g = torch.optim.Adam(generator.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2))
-    if t.compile:
-        generator.compile()
-        discriminator.compile()
-    generator, discriminator, opt_g, opt_d = accelerator.prepare(generator, discriminator, opt_g, opt_d)
+    generator, discriminator, opt_g, opt_d, ema = prepare_models(recipe, accelerator)
     raw_g: Generator = accelerator.unwrap_model(generator)
     raw_d: Discriminator = accelerator.unwrap_model(discriminator)
     if ema is not None:
-        ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
     progress = Progress_()
     accelerator.register_for_checkpointing(progress)
