@@ -211,6 +211,8 @@ def validate(recipe: Recipe) -> Recipe:
     validate_model(recipe.model)
     for key, choices in CHOICES.items():
         table, name = key.split(".")
+        if table == "model":
+            continue  # validate_model checked these
         value = getattr(getattr(recipe, table), name)
         _require(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
     d, t, e = recipe.data, recipe.train, recipe.eval

@@ -40,7 +40,7 @@ from sagan_cli.models import Discriminator, Generator, gammas
 GRID_SEED_OFFSET = 7919  # the fixed grid noise must not coincide with the training noise stream
 STRUCTURE_SAMPLES = 256  # synthetic data: images scored by the structure checker at each sample grid
 # Keys whose change would make a saved state meaningless: refused on --resume.
-FROZEN_ON_RESUME = ("train.mixed_precision", "train.ema")
+FROZEN_ON_RESUME = ("train.mixed_precision", "train.ema", "train.batch_size")  # batch size: the data position
 RUN_FILES = ("config.json", "g.safetensors", "d.safetensors")  # a folder holding any of these is a run
 
 
@@ -158,13 +158,6 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
     t, m = recipe.train, recipe.model
     run_dir = Path(run_dir)
     state_root = run_dir / "state"
-    if resume:
-        if latest_state(state_root) is None or not (run_dir / "config.json").is_file():
-            raise UserError(f"nothing to resume in {run_dir} (no state/ checkpoint); drop --resume to start a new run")
-        _check_resume(recipe, run_dir)
-    elif latest_state(state_root) is not None or any((run_dir / f).exists() for f in RUN_FILES):
-        raise UserError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
-
     # Accelerate keeps process-wide settings; drop them (not the process group) so a second run in
     # the same Python process may use another precision.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -173,6 +166,13 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
         log_with="tensorboard" if t.tensorboard else None,
         project_dir=str(run_dir),
     )
+    if resume:
+        if latest_state(state_root) is None or not (run_dir / "config.json").is_file():
+            raise UserError(f"nothing to resume in {run_dir} (no state/ checkpoint); drop --resume to start a new run")
+        _check_resume(recipe, run_dir)
+    elif latest_state(state_root) is not None or any((run_dir / f).exists() for f in RUN_FILES):
+        raise UserError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
+    accelerator.wait_for_everyone()  # every rank has checked before rank 0 writes config.json
     console = console or Console()
     main = accelerator.is_main_process
     dataset: Dataset = build_dataset(recipe.data, m.resolution, m.num_classes)  # a bad data.path fails here
@@ -188,6 +188,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
         _check_eval(recipe)  # missing Inception weights fail now, not hours into the run
 
     generator, discriminator, opt_g, opt_d, ema = prepare_models(recipe, accelerator)
+    set_seed(t.seed + accelerator.process_index)  # same initial weights, but each process its own noise
     raw_g: Generator = accelerator.unwrap_model(generator)
     raw_d: Discriminator = accelerator.unwrap_model(discriminator)
     if ema is not None:
@@ -196,7 +197,14 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
     accelerator.register_for_checkpointing(progress)
     if resume:
         accelerator.load_state(str(latest_state(state_root)))
+        if t.steps < progress.step:
+            raise UserError(f"train.steps = {t.steps} is below the saved step {progress.step}; "
+                            "--resume only trains longer")
+        for opt, lr in ((opt_g, t.lr_g), (opt_d, t.lr_d)):  # load_state restored the old values
+            for group in opt.param_groups:
+                group["lr"], group["betas"] = lr, (t.beta1, t.beta2)
         if main:
+            _truncate_log(run_dir / "metrics.jsonl", progress.step)
             console.print(f"resumed from step {progress.step}")
     if t.tensorboard:
         accelerator.init_trackers("tensorboard")
@@ -331,9 +339,14 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
                 if main and (progress.step % t.sample_every == 0 or last_step):
                     sample_grid()
                 if recipe.eval.every and (progress.step % recipe.eval.every == 0 or last_step):
+                    failure = None
                     if main:
-                        evaluate()
-                    accelerator.wait_for_everyone()
+                        try:
+                            evaluate()
+                        except UserError as exc:
+                            failure = exc
+                    if _any_process(accelerator, failure is not None):  # also the barrier
+                        raise failure or UserError("evaluation failed on the main process (see its message)")
                 if progress.step % t.checkpoint_every == 0 or last_step:
                     checkpoint()
                 if _any_process(accelerator, stop_requested):
@@ -345,9 +358,9 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
         signal.signal(signal.SIGINT, previous_handler)
         if log_file is not None:
             log_file.close()
-        if t.tensorboard:
-            accelerator.end_training()
     accelerator.wait_for_everyone()
+    if t.tensorboard:
+        accelerator.end_training()  # also destroys the process group: nothing collective after it
     return TrainResult(raw_g, raw_d, ema.model if ema is not None else None, progress.step, run_dir)
 
 
@@ -382,6 +395,7 @@ def train_step(
     # ---- discriminator: fakes under no_grad, real and fake through D in one batch ----
     discriminator.train()
     raw_d.requires_grad_(True)
+    d_ok = True
     for _ in range(t.d_steps):
         real, labels = next_batch()
         n = real.shape[0]
@@ -394,11 +408,14 @@ def train_step(
             d_real, d_fake = logits.split(n)
             loss_d = d_loss(t.loss, d_real, d_fake)
             if t.loss == "wgan-gp":
+                raw_d.eval()  # spectral norm keeps the vectors this step's forward just refined
                 loss_d = loss_d + t.gp_weight * gradient_penalty(raw_d, real, fake, labels)
+                raw_d.train()
         opt_d.zero_grad(set_to_none=True)
         accelerator.backward(loss_d)
-        d_ok = _all_finite(accelerator, loss_d)
-        if d_ok:
+        finite = _all_finite(accelerator, loss_d)
+        d_ok = d_ok and finite
+        if finite:
             opt_d.step()
 
     # ---- generator: D frozen and in eval mode (no weight grads, no second power iteration) ----
@@ -413,6 +430,13 @@ def train_step(
     if g_ok:
         opt_g.step()
     return StepOutput(loss_d.detach(), loss_g.detach(), d_real.detach().mean(), d_fake.detach().mean(), d_ok, g_ok)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step (written after the last checkpoint of a crashed run)."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(x for x in lines if json.loads(x).get("step", 0) <= step))
 
 
 def _check_eval(recipe: Recipe) -> None:

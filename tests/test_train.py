@@ -214,7 +214,10 @@ from sagan_cli.train import run_training
 raw = {raw!r}
 result = run_training(recipe_from_dict(raw, name="ddp"), sys.argv[1])
 rank = int(os.environ["RANK"])
-save_file({{k: v.contiguous() for k, v in result.generator.state_dict().items()}}, f"{{sys.argv[1]}}.rank{{rank}}.safetensors")
+# parameters only: each rank draws its own noise, so BatchNorm statistics legitimately differ
+params = {{f"g.{{k}}": v for k, v in result.generator.named_parameters()}}
+params.update({{f"d.{{k}}": v for k, v in result.discriminator.named_parameters()}})
+save_file({{k: v.detach().contiguous() for k, v in params.items()}}, f"{{sys.argv[1]}}.rank{{rank}}.safetensors")
 """
 
 
@@ -228,7 +231,8 @@ def test_two_processes_on_cpu_stay_in_sync_and_only_rank0_writes(tmp_path):
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     r0, r1 = (load_file(f"{run}.rank{r}.safetensors") for r in (0, 1))
-    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    assert any(k.startswith("d.") for k in r0) and r0.keys() == r1.keys()
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
     # one progress bar, one log, one set of exports; each rank saved only its own RNG state
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss_d" in x] == [1, 2, 3, 4]
@@ -256,3 +260,17 @@ def test_missing_inception_weights_fail_before_training(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="Inception weights"):
         run_training(tiny_recipe(eval__every=2, eval__metrics=["fid"]), tmp_path / "run")
     assert not (tmp_path / "run" / "state").exists()
+
+
+def test_resume_applies_new_learning_rates_and_refuses_to_shrink(tmp_path):
+    run_training(tiny_recipe(train__steps=2), tmp_path / "run")
+    with pytest.raises(UserError, match="train.steps"):
+        run_training(tiny_recipe(train__steps=1), tmp_path / "run", resume=True)
+    with pytest.raises(UserError, match="train.batch_size"):
+        run_training(tiny_recipe(train__batch_size=4), tmp_path / "run", resume=True)
+    log = tmp_path / "run" / "metrics.jsonl"
+    log.write_text(log.read_text() + json.dumps({"step": 3, "loss_d": 0.0}) + "\n")  # logged, never checkpointed
+    result = run_training(tiny_recipe(train__steps=3, train__lr_g=5e-5), tmp_path / "run", resume=True)
+    assert result.step == 3
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if "loss_d" in x]
+    assert steps == [1, 2, 3]  # the stale step-3 line was dropped, the new one written once
