@@ -21,7 +21,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
 
-from sagan_cli.checkpoint import atomic_write, load_model
+from sagan_cli.checkpoint import load_model, write_output
 from sagan_cli.data import image_to_tensor, open_image
 from sagan_cli.errors import UserError, check_writable
 from sagan_cli.layers import SelfAttention
@@ -242,17 +242,8 @@ def attention_map(
         "layers": summary(maps, query, resolution),
     }
     fig = draw_figure(picture, query, maps)
-    _write(Path(out), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI), "--out")
+    write_output(Path(out), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI), "--out")
     if json_path is not None:
         text = json.dumps(result, indent=2) + "\n"
-        _write(Path(json_path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), "--json")
+        write_output(Path(json_path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), "--json")
     return result
-
-
-def _write(path: Path, write, option: str) -> None:
-    if path.is_dir():
-        raise UserError(f"{option} {path} is a folder; give a file name")
-    try:
-        atomic_write(path, write)
-    except OSError as exc:
-        raise UserError(f"cannot write {option} {path} ({exc.strerror or exc}); choose a writable path") from None

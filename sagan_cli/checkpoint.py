@@ -55,6 +55,17 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def write_output(path: Path, write, option: str) -> None:
+    """atomic_write for a file the user named with `option`: a folder or an OSError is a UserError."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name")
+    try:
+        atomic_write(path, write)
+    except OSError as exc:
+        raise UserError(f"cannot write {option} {path} ({exc.strerror or exc}); choose a writable path") from None
+
+
 def save_model(path: str | Path, model: Generator | Discriminator, *, step: int, recipe: str = "recipe", ema: bool = False) -> Path:
     """Write `model` (unwrapped, any device) to a safetensors file with its config in the metadata."""
     kind = "generator" if isinstance(model, Generator) else "discriminator"

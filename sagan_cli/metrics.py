@@ -35,7 +35,7 @@ from torch_fidelity.generative_model_modulewrapper import GenerativeModelModuleW
 from torch_fidelity.noise import random_normal
 
 from sagan_cli import __version__
-from sagan_cli.checkpoint import atomic_write, load_model
+from sagan_cli.checkpoint import load_model, write_output
 from sagan_cli.config import DataConfig, Recipe, load_recipe, recipe_from_json
 from sagan_cli.data import build_dataset, dataset_identity, open_image
 from sagan_cli.errors import UserError, check_writable
@@ -365,9 +365,9 @@ def load_samples(path: Path) -> tuple[UInt8Images, int]:
     A folder is read at its first image's size (others are resized and center-cropped to it).
     """
     if path.is_dir():
-        folder = DataConfig(kind="folder", path=str(path))
-        size = min(open_image(build_dataset(folder, 32).files[0]).size)
-        return UInt8Images(build_dataset(folder, size)), size
+        images = build_dataset(DataConfig(kind="folder", path=str(path)), 32)
+        images.resolution = min(open_image(images.files[0]).size)  # one walk of the folder, read at its size
+        return UInt8Images(images), images.resolution
     if path.suffix.lower() != ".npz" or not path.is_file():
         raise UserError(f"--samples {path}: give a folder of images or the .npz that `sagan sample --format npz` writes")
     try:
@@ -419,10 +419,7 @@ def eval_command(*, ckpt: Path | None, samples: Path | None, data: Path, num_sam
     _print(result)
     if json_path is not None:
         text = json.dumps({"metrics": result.metrics, "protocol": result.protocol}, indent=2) + "\n"
-        try:
-            atomic_write(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        except OSError as exc:
-            raise UserError(f"cannot write --json {json_path} ({exc.strerror or exc}); choose a writable path") from None
+        write_output(json_path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), "--json")
     return result
 
 
