@@ -7,10 +7,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import _SpectralNorm
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-# Largest head width handed to the CUDA fused kernels (flash / cuDNN attention stop at 256).
-MAX_CUDA_HEAD_WIDTH = 256
+# CUDA attention (FACTS.md, H200, torch 2.11): SDPA takes a value wider than query/key there, so nothing is
+# padded. cuDNN's bf16/fp16 backward wants head widths <= 128; fp32 runs the memory-efficient kernel, which
+# lost to the explicit matrix at a 32x32 map (0.67x at C=256) and won from 128x128 on (1.3x).
+MAX_CUDA_HEAD_WIDTH = 128
+CUDA_FP32_EXPLICIT_MAX_POSITIONS = 32 * 32
 
 
 def init_weights(module: nn.Module, scheme: str) -> nn.Module:
@@ -32,10 +36,68 @@ def init_weights(module: nn.Module, scheme: str) -> nn.Module:
     return module
 
 
+class _DivideBySigma(torch.autograd.Function):
+    """W / sigma with sigma = u^T W v from the power iteration, and torch's spectral-norm gradient
+    (u and v held constant): dL/dW = (G - <G, W/sigma> u v^T) / sigma, written out once instead of
+    autograd's chain through vdot, mv and the division (about half the backward operations)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor, dim: int):
+        normalized = weight / sigma
+        ctx.save_for_backward(normalized, sigma, u, v)
+        ctx.dim = dim
+        return normalized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        normalized, sigma, u, v = ctx.saved_tensors
+        outer = torch.outer(u, v)  # in the layout of the weight matrix: dim `ctx.dim` first, the rest flattened
+        if ctx.dim == 0:
+            outer = outer.view(normalized.shape)
+        else:
+            shape = list(normalized.shape)
+            moved = [shape[ctx.dim]] + shape[: ctx.dim] + shape[ctx.dim + 1:]
+            outer = outer.view(moved).movedim(0, ctx.dim)
+        return (grad - (grad * normalized).sum() * outer) / sigma, None, None, None, None
+
+
+class FP32SpectralNorm(_SpectralNorm):
+    """torch's spectral norm (same buffers, state-dict keys and eval formula; one power iteration per
+    training forward), computed in fp32 with autocast off and with fewer operations in training mode.
+
+    Training mode: u = W v / |W v|, then v' = W^T u / |W^T u|, and sigma = |W^T u|, which equals torch's
+    u^T W v' exactly in real arithmetic; the division and its gradient are one autograd Function.
+    Eval mode: sigma = u^T W v with the stored vectors, exactly as torch computes it.
+    """
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(weight.device.type, enabled=False):
+            if weight.ndim == 1:
+                return super().forward(weight)
+            matrix = self._reshape_weight_to_matrix(weight)
+            if not self.training:
+                return weight / torch.vdot(self._u, torch.mv(matrix, self._v))
+            with torch.no_grad():
+                if self.n_power_iterations > 1:
+                    self._power_method(matrix, self.n_power_iterations - 1)
+                # written straight into the buffers: the backward that saves them runs before the next
+                # training forward changes them (autograd's version check would refuse otherwise)
+                u = torch.mv(matrix, self._v)
+                u = torch.div(u, u.norm().clamp_min(self.eps), out=self._u)
+                v = torch.mv(matrix.t(), u)
+                sigma = v.norm()
+                v = torch.div(v, sigma.clamp_min(self.eps), out=self._v)
+            return _DivideBySigma.apply(weight, sigma, u, v, self.dim)
+
+
 def sn(module: nn.Module, enabled: bool = True, init: str = "orthogonal") -> nn.Module:
-    """Initialise `module`, then wrap it in spectral norm when `enabled`: one place for every layer."""
+    """Initialise `module`, then wrap it in (fp32) spectral norm when `enabled`: one place for every layer."""
     init_weights(module, init)
-    return _spectral_norm(module) if enabled else module
+    if not enabled:
+        return module
+    _spectral_norm(module)
+    module.parametrizations.weight[0].__class__ = FP32SpectralNorm
+    return module
 
 
 def _cuda_heads(value_width: int, query_width: int) -> int:
@@ -47,27 +109,48 @@ def _cuda_heads(value_width: int, query_width: int) -> int:
     return 1
 
 
-def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None = None) -> torch.Tensor:
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """o = v softmax(q^T k)^T through the full N x M matrix (q: [B, d, N], k: [B, d, M], v: [B, Cv, M])."""
+    return v @ torch.softmax(q.transpose(1, 2) @ k, dim=-1).transpose(1, 2)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int | None = None,
+                    pad: bool | None = None) -> torch.Tensor:
     """softmax(q^T k) applied to v through scaled_dot_product_attention, never forming the N x M matrix.
 
     q: [B, d, N], k: [B, d, M], v: [B, Cv, M] -> o: [B, Cv, N], with o = v softmax(q^T k)^T.
 
-    The fused kernels need query and value of the same width, and SAGAN's query is narrower (C/8)
-    than its value (C or C/2). Zero-padding q and k to the value width leaves every dot product,
-    hence the softmax, unchanged, and lets the flash kernel run. On CUDA, values wider than the
-    kernels accept are split into heads that share the same (padded) q and k: also exact.
+    SAGAN's query is narrower (C/8) than its value (C or C/2). The CPU flash kernel needs equal widths:
+    zero-padding q and k to the value width leaves every dot product, hence the softmax, unchanged.
+    CUDA's kernels take unequal widths, so there nothing is padded, and values wider than cuDNN accepts
+    are split into heads that share the same q and k: also exact.
     """
     batch, d, n = q.shape
     value_width, m = v.shape[1], v.shape[2]
     if heads is None:
         heads = _cuda_heads(value_width, d) if q.is_cuda else 1
+    if pad is None:
+        pad = not q.is_cuda
     width = value_width // heads
-    # [B, 1, N, w] with a contiguous last dimension: the CPU flash kernel insists on it.
-    q = F.pad(q.transpose(1, 2), (0, width - d)).unsqueeze(1).expand(batch, heads, n, width)
-    k = F.pad(k.transpose(1, 2), (0, width - d)).unsqueeze(1).expand(batch, heads, m, width)
-    v = v.reshape(batch, heads, width, m).transpose(2, 3).contiguous()
+    qk_width = width if pad else d
+    # [B, h, N, w] with a contiguous last dimension: the fused kernels insist on it.
+    q = F.pad(q.transpose(1, 2), (0, qk_width - d)) if pad else q.transpose(1, 2).contiguous()
+    k = F.pad(k.transpose(1, 2), (0, qk_width - d)) if pad else k.transpose(1, 2).contiguous()
+    if heads == 1:
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.transpose(1, 2).contiguous().unsqueeze(1)
+    else:
+        q, k = q.unsqueeze(1).expand(batch, heads, n, qk_width), k.unsqueeze(1).expand(batch, heads, m, qk_width)
+        v = v.reshape(batch, heads, width, m).transpose(2, 3).contiguous()
     o = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, h, N, w]
     return o.transpose(2, 3).reshape(batch, value_width, n)
+
+
+def attention_path(x: torch.Tensor, positions: int) -> str:
+    """'explicit' or 'fused' for a query map of `positions` on x's device and dtype (measured choices)."""
+    if x.is_cuda and not torch.is_autocast_enabled("cuda") and x.dtype == torch.float32 \
+            and positions <= CUDA_FP32_EXPLICIT_MAX_POSITIONS:
+        return "explicit"
+    return "fused"  # CPU: as fast or faster down to 4x4 maps (benchmarks/attention.py --small)
 
 
 class SelfAttention(nn.Module):
@@ -113,7 +196,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x)
-        # fused at every size: on CPU it was as fast or faster down to 4x4 (benchmarks/attention.py --small)
+        if attention_path(x, q.shape[2]) == "explicit":
+            return self._finish(x, explicit_attention(q, k, v))
         return self._finish(x, fused_attention(q, k, v))
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
