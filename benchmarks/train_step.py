@@ -1,7 +1,8 @@
-"""Training throughput: `sagan_cli.train.train_step` (D step + G step, hinge, TTUR), timed as it trains.
+"""Training throughput: `sagan_cli.train.train_step` (D phase + G phase, hinge, TTUR), timed as it trains.
 
     python benchmarks/train_step.py                                    # both models, every variant (slow)
     python benchmarks/train_step.py --models dcgan64 --precisions fp32 --compile off --channels-last off on
+    python benchmarks/train_step.py --models dcgan64 --reuse-fakes on off   # one G forward per step, or two
     python benchmarks/train_step.py --models dcgan64 --profile         # where one iteration's time goes
 
 Models: dcgan64 is the popular port's 64x64 model (attention at 16 and 32 in G, 8 and 4 in D, width 64,
@@ -9,10 +10,14 @@ z 128, batch 64; the port trains at ~19 img/s on a 2-core CPU). resnet128 is rec
 model (the paper's: attention at 32, 1000 classes); batch 256 on CUDA as in the paper, 8 on CPU (a
 256-image iteration takes minutes there), so its CPU img/s is a small-batch number.
 
-What is timed is what trains: models and optimizers are built and `accelerator.prepare`d as
-`run_training` does (mixed precision through `Accelerator(mixed_precision=...)`, channels_last and
+What is timed is what trains: networks, fused Adam and the phases are built by `build_nets` and
+`make_phases` as `run_training` does (mixed precision as the phases' one autocast, channels_last and
 `torch.compile` as `train.channels_last` / `train.compile` do), and the real `train_step` runs on a
-fixed in-memory batch of real (synthetic-blob) images through a `next_batch` closure: no data loading.
+fixed in-memory batch of real (synthetic-blob) images: no data loading.
+
+aten ops/iter: every ATen operator one eager iteration dispatches (a TorchDispatchMode around one
+`train_step`, fp32, batch 4): a machine-independent count of the launch overhead that bounds small
+models on a GPU, where each operator is at least one kernel launch.
 
 Each configuration runs in a fresh subprocess. img/s: median over --iters iterations after warm-up
 (compiled models get one extra warm-up iteration: the G step's frozen, eval-mode D is a second graph).
@@ -61,8 +66,9 @@ def default_batch(name: str, device: str) -> int:
     return 64 if name == "dcgan64" else (256 if device.startswith("cuda") else 8)
 
 
-def build(name: str, device: str, batch: int, precision: str, compiled: bool, channels_last: bool):
-    """Models, optimizers and a `next_batch` closure exactly as `run_training` sets them up."""
+def build(name: str, device: str, batch: int, precision: str, compiled: bool, channels_last: bool,
+          reuse_fakes: bool = True):
+    """Phases, a fixed batch and the noise source, exactly as `run_training` sets them up."""
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -70,56 +76,79 @@ def build(name: str, device: str, batch: int, precision: str, compiled: bool, ch
 
     from sagan_cli.config import Recipe, TrainConfig
     from sagan_cli.data import SyntheticBlobs
-    from sagan_cli.train import prepare_models
+    from sagan_cli.train import Noise, build_nets, make_phases
 
     m = model_config(name)
-    t = TrainConfig(batch_size=batch, mixed_precision={"fp32": "no"}.get(precision, precision),
-                    compile=compiled, channels_last=channels_last, ema=False)  # EMA: not part of the timed step
+    t = TrainConfig(batch_size=batch, mixed_precision={"fp32": "no"}.get(precision, precision), compile=compiled,
+                    channels_last=channels_last, ema=False, reuse_fakes=reuse_fakes)  # EMA: not part of the step
     recipe = Recipe(name="benchmark", model=m, train=t)
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=device == "cpu")
+    accelerator = Accelerator(cpu=device == "cpu")
     set_seed(0)
-    generator, discriminator, opt_g, opt_d, _ = prepare_models(recipe, accelerator)  # as run_training does
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+    nets = build_nets(recipe, accelerator)
+    phases = make_phases(recipe, nets, accelerator)
     # --- a fixed batch of real images instead of the DataLoader ---
     data = SyntheticBlobs(batch, m.resolution, num_classes=m.num_classes)
     items = [data[i] for i in range(batch)]
-    images = torch.stack([x for x, _ in items]).to(accelerator.device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = torch.stack([x for x, _ in items]).to(accelerator.device).contiguous(memory_format=memory_format)
     labels = torch.tensor([y for _, y in items], device=accelerator.device) if m.num_classes else None
 
-    def next_batch():
-        return images.contiguous(memory_format=memory_format), labels
+    class FixedBatch:
+        def next(self):
+            return images, labels
 
-    return accelerator, generator, discriminator, opt_g, opt_d, next_batch, recipe, memory_format
+    return phases, FixedBatch(), Noise(recipe, accelerator.device), reuse_fakes
+
+
+def step(args) -> None:
+    from sagan_cli.train import train_step
+
+    phases, data, noise, reuse_fakes = args
+    return train_step(phases, data, noise, d_steps=1, reuse_fakes=reuse_fakes)
 
 
 def measure(name: str, device: str, batch: int, precision: str, compiled: bool, channels_last: bool,
-            iters: int, warmup: int) -> dict:
-    from sagan_cli.train import train_step
-
+            iters: int, warmup: int, reuse_fakes: bool) -> dict:
     memory = PeakMemory(device)
-    args = build(name, device, batch, precision, compiled, channels_last)
+    args = build(name, device, batch, precision, compiled, channels_last, reuse_fakes)
     memory.start()
     times = []
     for _ in range(warmup + int(compiled) + iters):
         start = time.perf_counter()
-        out = train_step(*args)
+        _, _, bad = step(args)
         sync(device)
         times.append(time.perf_counter() - start)
-    ok = bool(out.d_ok and out.g_ok)
-    return {**summary(times[-iters:]), "first_s": times[0], "peak_bytes": memory.peak(), "finite": ok, "load": load()}
+    return {**summary(times[-iters:]), "first_s": times[0], "peak_bytes": memory.peak(), "finite": float(bad) == 0,
+            "load": load()}
 
 
-def count_flops(name: str, device: str, batch: int) -> dict:
+def count_flops(name: str, device: str, batch: int, reuse_fakes: bool) -> dict:
+    """FLOPs of one eager fp32 iteration, and the ATen operators it dispatches at batch 4."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sagan_cli.train import train_step
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: Counter = Counter()
 
-    args = build(name, device, batch, "fp32", False, False)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    args = build(name, device, batch, "fp32", False, False, reuse_fakes)
     with FlopCounterMode(display=False) as counter:
-        train_step(*args)
+        step(args)
+    small = build(name, device, 4, "fp32", False, False, reuse_fakes)
+    step(small)  # the first call initialises Adam's state
+    with CountOps() as ops:
+        step(small)
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    return {"flops": counter.get_total_flops(), "by_op": by_op}
+    return {"flops": counter.get_total_flops(), "by_op": by_op, "aten_ops": sum(ops.ops.values()),
+            "top_ops": ops.ops.most_common(8)}
 
 
 def profile(name: str, device: str, batch: int, precision: str, channels_last: bool, rows: int) -> None:
@@ -127,13 +156,11 @@ def profile(name: str, device: str, batch: int, precision: str, channels_last: b
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from sagan_cli.train import train_step
-
     args = build(name, device, batch, precision, False, channels_last)
-    train_step(*args)
+    step(args)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with torch_profile(activities=activities) as prof:
-        train_step(*args)
+        step(args)
         sync(device)
     sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=48))
@@ -142,12 +169,12 @@ def profile(name: str, device: str, batch: int, precision: str, channels_last: b
 
 def _worker_main(argv: list[str]) -> None:
     explicit_attention_up_to(int(argv.pop()))
-    mode, name, device, batch = argv[0], argv[1], argv[2], int(argv[3])
+    mode, name, device, batch, reuse = argv[0], argv[1], argv[2], int(argv[3]), argv[4] == "1"
     if mode == "flops":
-        result = count_flops(name, device, batch)
+        result = count_flops(name, device, batch, reuse)
     else:
-        precision, compiled, channels_last, iters, warmup = argv[4], argv[5] == "1", argv[6] == "1", int(argv[7]), int(argv[8])
-        result = measure(name, device, batch, precision, compiled, channels_last, iters, warmup)
+        precision, compiled, channels_last, iters, warmup = argv[5], argv[6] == "1", argv[7] == "1", int(argv[8]), int(argv[9])
+        result = measure(name, device, batch, precision, compiled, channels_last, iters, warmup, reuse)
     print(json.dumps(result))
 
 
@@ -167,6 +194,8 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"], help="torch.compile G and D")
     parser.add_argument("--channels-last", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--reuse-fakes", nargs="+", default=["on"], choices=["off", "on"],
+                        help="train.reuse_fakes: the G phase reuses the D phase's fakes (default on)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration before it is abandoned")
     parser.add_argument("--explicit-attention", type=int, default=0, metavar="N",
                         help="measurement only: attention through the explicit N x M matrix on maps with <= N "
@@ -196,29 +225,33 @@ def main() -> None:
               + ", ".join(f"{p} {fmt_flops(f)}FLOP/s" for p, f in peaks.items()), flush=True)
         if args.explicit_attention:
             print(f"MEASUREMENT ONLY: attention via the explicit matrix on maps of <= {explicit} positions")
-        print(f"{'model':9} {'B':>3} {'prec':4} {'compile':7} {'layout':6} | {'img/s':>6} {'(min-max)':>13} "
-              f"{'s/iter':>6} | {'peak mem':>11} | {'FLOP/iter':>9} {'FLOP/s':>9} {'of peak':>7} | load", flush=True)
+        print(f"{'model':9} {'B':>3} {'prec':4} {'compile':7} {'layout':6} {'reuse':5} | {'img/s':>6} {'(min-max)':>13} "
+              f"{'s/iter':>6} | {'peak mem':>11} | {'FLOP/iter':>9} {'FLOP/s':>9} {'of peak':>7} | aten ops | load",
+              flush=True)
         for name in args.models:
             batch = args.batch or default_batch(name, device)
-            flops = worker(__file__, ["flops", name, device, str(batch), explicit], args.timeout)
-            for precision in args.precisions:
-                for comp in args.compile:
-                    for cl in args.channels_last:
-                        r = worker(__file__, ["time", name, device, str(batch), precision, str(int(comp == "on")),
-                                              str(int(cl == "on")), str(args.iters), str(args.warmup), explicit], args.timeout)
-                        row = f"{name:9} {batch:3} {precision:4} {comp:7} {'NHWC' if cl == 'on' else 'NCHW':6} |"
-                        if "error" in r:
-                            print(f"{row} failed: {r['error']}", flush=True)
-                            continue
-                        rate = batch / r["median_s"]
-                        row += f" {rate:6.1f} ({batch / r['max_s']:5.1f}-{batch / r['min_s']:5.1f}) {r['median_s']:6.2f} |"
-                        row += f" {fmt_mem(r['peak_bytes']):>11} |"
-                        if "flops" in flops:
-                            achieved = flops["flops"] / r["median_s"]
-                            row += f" {fmt_flops(flops['flops']):>9} {fmt_flops(achieved):>9} {achieved / peaks[precision]:6.0%}  |"
-                        else:
-                            row += f" {'?':>9} {'?':>9} {'?':>7} |"
-                        print(f"{row} {r['load']:4.1f}{'' if r['finite'] else '  (non-finite loss!)'}", flush=True)
+            for reuse in args.reuse_fakes:
+                flops = worker(__file__, ["flops", name, device, str(batch), str(int(reuse == "on")), explicit], args.timeout)
+                for precision in args.precisions:
+                    for comp in args.compile:
+                        for cl in args.channels_last:
+                            r = worker(__file__, ["time", name, device, str(batch), str(int(reuse == "on")), precision,
+                                                  str(int(comp == "on")), str(int(cl == "on")), str(args.iters),
+                                                  str(args.warmup), explicit], args.timeout)
+                            row = f"{name:9} {batch:3} {precision:4} {comp:7} {'NHWC' if cl == 'on' else 'NCHW':6} {reuse:5} |"
+                            if "error" in r:
+                                print(f"{row} failed: {r['error']}", flush=True)
+                                continue
+                            rate = batch / r["median_s"]
+                            row += f" {rate:6.1f} ({batch / r['max_s']:5.1f}-{batch / r['min_s']:5.1f}) {r['median_s']:6.2f} |"
+                            row += f" {fmt_mem(r['peak_bytes']):>11} |"
+                            if "flops" in flops:
+                                achieved = flops["flops"] / r["median_s"]
+                                row += f" {fmt_flops(flops['flops']):>9} {fmt_flops(achieved):>9} {achieved / peaks[precision]:6.0%}  |"
+                                row += f" {flops['aten_ops']:8d} |"
+                            else:
+                                row += f" {'?':>9} {'?':>9} {'?':>7} | {'?':>8} |"
+                            print(f"{row} {r['load']:4.1f}{'' if r['finite'] else '  (non-finite loss!)'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ line on stderr and exits with code 2. Only bugs show a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -217,7 +218,8 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if not getattr(exc, "every_rank", False) or os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)  # an error every process raised is printed once
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

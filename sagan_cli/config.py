@@ -94,6 +94,7 @@ class TrainConfig:
     loss: str = "hinge"  # hinge | nonsaturating | wgan-gp
     gp_weight: float = 10.0  # wgan-gp: gradient penalty weight
     d_steps: int = 1  # discriminator updates per generator update
+    reuse_fakes: bool = True  # the G update reuses the last D update's fakes (one G forward per step, not two)
     ema: bool = True  # keep an exponential moving average of G (exported as g.safetensors)
     ema_decay: float = 0.999  # weight of the running average at each step (0.999: ~1000-step horizon)
     ema_start: int = 1000  # EMA copies G until this step, then averages
@@ -104,7 +105,7 @@ class TrainConfig:
     log_every: int = 50  # steps between metrics.jsonl lines
     max_bad_steps: int = 5  # stop after this many consecutive non-finite losses
     tensorboard: bool = False  # also log through Accelerate's TensorBoard tracker
-    compile: bool = False  # torch.compile G and D (on CPU measured no faster, and ~1 min of compiling)
+    compile: bool = False  # torch.compile the D and G phases' forward+loss (on CPU no faster, ~1 min of compiling)
     channels_last: bool = True  # NHWC memory format: on a 2-core CPU +22% img/s, -10% memory (benchmarks/train_step.py)
 
 

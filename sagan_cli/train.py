@@ -1,47 +1,45 @@
-"""The training loop: one Accelerate loop you can read top to bottom.
+"""The training loop: set up, then one plain loop that schedules the D and G phases (sagan_cli/step.py).
 
-Per step: `d_steps` discriminator updates, then one generator update (hinge loss and TTUR by default).
-- D step: fakes are drawn under no_grad (nothing back-propagates into G) and real and fake images go
-  through D in ONE batch (D has no BatchNorm, so this is exact and runs spectral norm's power
-  iteration once per step).
-- G step: D runs in eval mode with frozen weights: gradients flow to G only and spectral norm reuses
-  the vectors the D step just refined.
-Exact resume: Accelerate restores models, optimizers, scaler and RNG states; the data order is a pure
-function of (seed, position), and the DataLoader never touches the global RNG.
+Exact resume: the state (sagan_cli/state.py) restores models, optimizers, loss scalers and every RNG; the
+data order is a pure function of (seed, position), and the DataLoader never touches the global RNG.
+Nothing in a step waits for the device: losses, the skip flags and the bad-step streak stay on the
+device and are read only when the loop logs, samples or checkpoints.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import math
 import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as Bar
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from sagan_cli.checkpoint import latest_state, save_model, save_state_atomically
+from sagan_cli.checkpoint import atomic_write, save_model
 from sagan_cli.config import Recipe, print_recipe, recipe_from_json
 from sagan_cli.errors import UserError
-from sagan_cli.losses import d_loss, g_loss, gradient_penalty
 from sagan_cli.models import Discriminator, Generator, gammas
+from sagan_cli.state import Progress, commit_state, latest_state, load_state, read_progress, save_state, together
+from sagan_cli.step import Phases, make_optimizer
 
 GRID_SEED_OFFSET = 7919  # the fixed grid noise must not coincide with the training noise stream
 STRUCTURE_SAMPLES = 256  # synthetic data: images scored by the structure checker at each sample grid
 # Keys whose change would make a saved state meaningless: refused on --resume.
 FROZEN_ON_RESUME = ("train.mixed_precision", "train.ema", "train.batch_size")  # batch size: the data position
 RUN_FILES = ("config.json", "g.safetensors", "d.safetensors")  # a folder holding any of these is a run
+EVAL_TIMEOUT = timedelta(hours=3)  # collectives wait this long while rank 0 evaluates (NCCL's default: 10 min)
 
 
 class EMA(nn.Module):
@@ -54,27 +52,30 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, generator: nn.Module, step: int) -> None:
-        decay = self.decay if step >= self.start else 0.0
-        for ema_p, p in zip(self.model.parameters(), generator.parameters(), strict=True):
-            ema_p.lerp_(p.detach(), 1.0 - decay)
-        for ema_b, b in zip(self.model.buffers(), generator.buffers(), strict=True):
-            ema_b.copy_(b)
+        weight = 1.0 - (self.decay if step >= self.start else 0.0)
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in generator.parameters()], weight)
+        torch._foreach_copy_(list(self.model.buffers()), list(generator.buffers()))
 
 
-@dataclass
-class Progress_:
-    """Counters saved with the resumable state (registered with Accelerate)."""
+class BatchNormGuard:
+    """Undo what a skipped step did to G's BatchNorm statistics (its forwards ran before the skip).
 
-    step: int = 0  # completed generator updates
-    batches: int = 0  # data batches consumed (per process), the data position
-    best_fid: float = math.inf
+    Without it, one non-finite forward leaves NaN running statistics in G, the EMA copies them, and every
+    later checkpoint samples NaN. Snapshot before the step; restore on the device when it was bad.
+    """
 
-    def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def __init__(self, generator: nn.Module):
+        self.buffers = [b for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        for b in m.buffers()]
+        self.saved = [b.clone() for b in self.buffers]
 
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+    def snapshot(self) -> None:
+        if self.buffers:
+            torch._foreach_copy_(self.saved, self.buffers)
+
+    def restore_if(self, bad: torch.Tensor) -> None:
+        for buffer, saved in zip(self.buffers, self.saved, strict=True):
+            buffer.copy_(torch.where(bad > 0, saved, buffer))
 
 
 def batch_indices(n: int, batch_size: int, seed: int, start_batch: int, rank: int, world: int) -> Iterator[list[int]]:
@@ -85,61 +86,161 @@ def batch_indices(n: int, batch_size: int, seed: int, start_batch: int, rank: in
     """
     per_step = batch_size * world
     cached_epoch, perm = -1, None
-    b = start_batch
+    batch = start_batch
     while True:
-        first = b * per_step + rank * batch_size
-        out = []
-        for pos in range(first, first + batch_size):
-            epoch = pos // n
+        first = batch * per_step + rank * batch_size
+        indices = []
+        for position in range(first, first + batch_size):
+            epoch = position // n
             if epoch != cached_epoch:
-                g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-                cached_epoch, perm = epoch, torch.randperm(n, generator=g).tolist()
-            out.append(perm[pos % n])
-        yield out
-        b += 1
+                gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                cached_epoch, perm = epoch, torch.randperm(n, generator=gen).tolist()
+            indices.append(perm[position % n])
+        yield indices
+        batch += 1
 
 
-def _check_resume(recipe: Recipe, run_dir: Path) -> None:
-    saved = recipe_from_json(run_dir / "config.json").to_dict()
-    new = recipe.to_dict()
-    frozen = [f"model.{k}" for k in saved["model"]] + list(FROZEN_ON_RESUME)
-    for dotted in frozen:
-        table, key = dotted.split(".")
-        if saved[table][key] != new[table][key]:
-            raise UserError(
-                f"--resume cannot change {dotted} ({saved[table][key]!r} in the saved run, {new[table][key]!r} now); "
-                f"start a new run with another --out"
-            )
+def grid_inputs(recipe: Recipe, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fixed noise (and evenly spread classes) of the sample grids: the same at every step."""
+    gen = torch.Generator().manual_seed(recipe.train.seed + GRID_SEED_OFFSET + offset)
+    z = torch.randn(n, recipe.model.z_dim, generator=gen)
+    classes = recipe.model.num_classes
+    return z, (torch.arange(n) * classes // n if classes else None)
 
 
-def _grid_inputs(recipe: Recipe, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    g = torch.Generator().manual_seed(recipe.train.seed + GRID_SEED_OFFSET + offset)
-    z = torch.randn(n, recipe.model.z_dim, generator=g)
-    k = recipe.model.num_classes
-    y = torch.arange(n) * k // n if k else None  # classes spread evenly over the grid
-    return z, y
+@dataclass
+class Nets:
+    """What trains: G and D (DDP wrappers under multi-process), their bare modules, Adam each, the EMA."""
+
+    generator: nn.Module
+    discriminator: nn.Module
+    raw_g: Generator
+    raw_d: Discriminator
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    ema: EMA | None
+
+    def exported_g(self) -> Generator:
+        return self.ema.model if self.ema is not None else self.raw_g
 
 
-def prepare_models(recipe: Recipe, accelerator: Accelerator):
-    """G, D, their Adam optimizers (TTUR) and the EMA, laid out, compiled and `prepare`d as training uses them.
-
-    Returns (generator, discriminator, opt_g, opt_d, ema or None); the benchmarks time exactly this.
-    """
-    t, m = recipe.train, recipe.model
-    generator, discriminator = Generator(m), Discriminator(m)
-    if t.channels_last:
+def build_nets(recipe: Recipe, accelerator: Accelerator) -> Nets:
+    """G, D, TTUR Adam and the EMA, laid out and `prepare`d as training uses them (the benchmarks too)."""
+    train, model = recipe.train, recipe.model
+    generator, discriminator = Generator(model), Discriminator(model)
+    if train.channels_last:
         generator = generator.to(memory_format=torch.channels_last)
         discriminator = discriminator.to(memory_format=torch.channels_last)
-    ema = EMA(generator, t.ema_decay, t.ema_start) if t.ema else None
-    opt_g = torch.optim.Adam(generator.parameters(), lr=t.lr_g, betas=(t.beta1, t.beta2))
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=t.lr_d, betas=(t.beta1, t.beta2))
-    if t.compile:
-        generator.compile()
-        discriminator.compile()
-    generator, discriminator, opt_g, opt_d = accelerator.prepare(generator, discriminator, opt_g, opt_d)
-    if ema is not None:
-        ema.to(accelerator.device)
-    return generator, discriminator, opt_g, opt_d, ema
+    device = accelerator.device
+    generator, discriminator = generator.to(device), discriminator.to(device)
+    ema = EMA(generator, train.ema_decay, train.ema_start) if train.ema else None
+    betas = (train.beta1, train.beta2)
+    opt_g = make_optimizer(generator, train.lr_g, betas, device)
+    opt_d = make_optimizer(discriminator, train.lr_d, betas, device)
+    # prepare() only places and (multi-process) wraps: mixed precision is the phases' one autocast
+    wrapped_g, wrapped_d, opt_g, opt_d = accelerator.prepare(generator, discriminator, opt_g, opt_d)
+    return Nets(wrapped_g, wrapped_d, generator, discriminator, opt_g, opt_d, ema)
+
+
+def make_phases(recipe: Recipe, nets: Nets, accelerator: Accelerator) -> Phases:
+    train = recipe.train
+    precision = train.mixed_precision
+    if precision == "fp16" and accelerator.device.type == "cpu":
+        precision = "no"  # CPU has no fp16 speed-up; as before, fp16 on a CPU trains in fp32
+
+    def any_rank(flag: torch.Tensor) -> torch.Tensor:  # on the device: no wait
+        return (accelerator.reduce(flag, reduction="sum") > 0).float()
+
+    return Phases(generator=nets.generator, discriminator=nets.discriminator, raw_d=nets.raw_d,
+                  opt_g=_unwrap_optimizer(nets.opt_g), opt_d=_unwrap_optimizer(nets.opt_d), loss=train.loss,
+                  gp_weight=train.gp_weight, precision=precision, device=accelerator.device,
+                  channels_last=train.channels_last, compile=train.compile,
+                  reduce_flag=any_rank if accelerator.num_processes > 1 else None)
+
+
+def _unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper would sync on every step()
+
+
+class Data:
+    """Endless (real images, labels) batches at the recipe's data position, on the device."""
+
+    def __init__(self, recipe: Recipe, dataset, accelerator: Accelerator, start_batch: int):
+        self.device = accelerator.device
+        self.hflip, self.classes = recipe.data.hflip, recipe.model.num_classes
+        self.memory_format = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
+        loader = DataLoader(
+            dataset,
+            batch_sampler=batch_indices(len(dataset), recipe.train.batch_size, recipe.train.seed, start_batch,
+                                        accelerator.process_index, accelerator.num_processes),
+            num_workers=recipe.data.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(recipe.train.seed),  # keeps the global RNG untouched
+            persistent_workers=recipe.data.workers > 0,
+        )
+        self.batches = iter(loader)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        images, labels = next(self.batches)
+        images = images.to(self.device, non_blocking=True)
+        if self.hflip:
+            flip = torch.rand(images.shape[0], device=self.device) < 0.5  # the device RNG: restored on resume
+            images = torch.where(flip[:, None, None, None], images.flip(3), images)
+        images = images.contiguous(memory_format=self.memory_format)
+        return images, (labels.to(self.device, non_blocking=True) if self.classes else None)
+
+
+class Noise:
+    """Training noise and fake labels, drawn on the device from its RNG (restored exactly on resume)."""
+
+    def __init__(self, recipe: Recipe, device: torch.device):
+        self.n, self.z_dim, self.classes, self.device = recipe.train.batch_size, recipe.model.z_dim, recipe.model.num_classes, device
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        z = torch.randn(self.n, self.z_dim, device=self.device)
+        return z, (torch.randint(0, self.classes, (self.n,), device=self.device) if self.classes else None)
+
+
+def train_step(phases: Phases, data: Data, noise: Noise, *, d_steps: int, reuse_fakes: bool):
+    """`d_steps` D phases, then one G phase. Returns the device tensors the loop logs."""
+    for i in range(d_steps):
+        real, labels = data.next()
+        keep = reuse_fakes and i == d_steps - 1
+        d_stats = phases.d_phase(real, labels, *noise.draw(), keep_fakes=keep)
+        bad = d_stats.bad if i == 0 else torch.maximum(bad, d_stats.bad)
+    g_stats = phases.g_phase(*((None, None) if reuse_fakes else noise.draw()))
+    return d_stats, g_stats, torch.maximum(bad, g_stats.bad)
+
+
+class RunLog:
+    """metrics.jsonl (rank 0), TensorBoard through Accelerate, and the progress bar."""
+
+    def __init__(self, run_dir: Path, accelerator: Accelerator, console: Console, total: int, start: int,
+                 tensorboard: bool):
+        self.main, self.accelerator, self.tensorboard = accelerator.is_main_process, accelerator, tensorboard
+        self.path = run_dir / "metrics.jsonl"
+        self.file = self.path.open("a") if self.main else None
+        self.bar = Bar(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                       TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not self.main)
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+
+    def write(self, record: dict, say: str | None = None) -> None:
+        if self.main:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            if say:
+                self.bar.console.print(say)
+        if self.tensorboard:
+            flat = {k: v for k, v in record.items() if isinstance(v, float)}
+            flat.update({f"eval/{k}": v for k, v in record.get("eval", {}).items()})
+            self.accelerator.log(flat, step=record["step"])
+
+    def progress(self, step: int, info: str | None = None) -> None:
+        self.bar.update(self.task, completed=step, **({"info": info} if info is not None else {}))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 @dataclass
@@ -155,288 +256,245 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
     """Train (or resume) a SAGAN as the recipe says, writing the run directory of DESIGN.md."""
     from sagan_cli.data import build_dataset
 
-    t, m = recipe.train, recipe.model
-    run_dir = Path(run_dir)
+    train, run_dir, console = recipe.train, Path(run_dir), console or Console()
     state_root = run_dir / "state"
-    # Accelerate keeps process-wide settings; drop them (not the process group) so a second run in
-    # the same Python process may use another precision.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
-        log_with="tensorboard" if t.tensorboard else None,
-        project_dir=str(run_dir),
-    )
-    if resume:
-        if latest_state(state_root) is None or not (run_dir / "config.json").is_file():
-            raise UserError(f"nothing to resume in {run_dir} (no state/ checkpoint); drop --resume to start a new run")
-        _check_resume(recipe, run_dir)
-    elif latest_state(state_root) is not None or any((run_dir / f).exists() for f in RUN_FILES):
-        raise UserError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
-    accelerator.wait_for_everyone()  # every rank has checked before rank 0 writes config.json
-    console = console or Console()
-    main = accelerator.is_main_process
-    dataset: Dataset = build_dataset(recipe.data, m.resolution, m.num_classes)  # a bad data.path fails here
-    if main:
-        print_recipe(recipe, run_dir, console)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-        except OSError as exc:
-            raise UserError(f"cannot write the run directory {run_dir}: {exc.strerror}; choose another --out") from None
-    set_seed(t.seed)
+    # ---- set up: processes, run folder, data, networks, saved state ----
+    AcceleratorState._reset_state(reset_partial_state=False)  # a second run in this process may differ
+    accelerator = Accelerator(log_with="tensorboard" if train.tensorboard else None, project_dir=str(run_dir),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=EVAL_TIMEOUT)] if recipe.eval.every else None)
+    main, device = accelerator.is_main_process, accelerator.device
+    saved = _check_run_folder(recipe, run_dir, resume, accelerator.num_processes)
+    dataset = build_dataset(recipe.data, recipe.model.resolution, recipe.model.num_classes)  # bad data.path fails here
     if recipe.eval.every:
         _check_eval(recipe)  # missing Inception weights fail now, not hours into the run
-
-    generator, discriminator, opt_g, opt_d, ema = prepare_models(recipe, accelerator)
-    set_seed(t.seed + accelerator.process_index)  # same initial weights, but each process its own noise
-    raw_g: Generator = accelerator.unwrap_model(generator)
-    raw_d: Discriminator = accelerator.unwrap_model(discriminator)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
-    progress = Progress_()
-    accelerator.register_for_checkpointing(progress)
-    if resume:
-        accelerator.load_state(str(latest_state(state_root)))
-        if t.steps < progress.step:
-            raise UserError(f"train.steps = {t.steps} is below the saved step {progress.step}; "
-                            "--resume only trains longer")
-        for opt, lr in ((opt_g, t.lr_g), (opt_d, t.lr_d)):  # load_state restored the old values
-            for group in opt.param_groups:
-                group["lr"], group["betas"] = lr, (t.beta1, t.beta2)
-        if main:
-            _truncate_log(run_dir / "metrics.jsonl", progress.step)
-            console.print(f"resumed from step {progress.step}")
-    if t.tensorboard:
+    accelerator.wait_for_everyone()  # every rank has checked before rank 0 writes
+    if main:
+        print_recipe(recipe, run_dir, console)
+    together(accelerator, lambda: _write_config(recipe, run_dir), main_only=True, what="write the run directory")
+    set_seed(train.seed)
+    nets = build_nets(recipe, accelerator)
+    set_seed(train.seed + accelerator.process_index)  # same initial weights, but each process its own noise
+    progress = Progress(world_size=accelerator.num_processes)
+    if saved is not None:
+        progress = _resume(recipe, saved, nets, accelerator, run_dir, console)
+    phases = make_phases(recipe, nets, accelerator)
+    if saved is not None:
+        _load_scalers(phases, saved)
+    if train.tensorboard:
         accelerator.init_trackers("tensorboard")
-
-    loader = DataLoader(
-        dataset,
-        batch_sampler=batch_indices(len(dataset), t.batch_size, t.seed, progress.batches,
-                                    accelerator.process_index, accelerator.num_processes),
-        num_workers=recipe.data.workers,
-        pin_memory=accelerator.device.type == "cuda",
-        generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched
-        persistent_workers=recipe.data.workers > 0,
-    )
-    batches = iter(loader)
-    device = accelerator.device
-    grid_z, grid_y = _grid_inputs(recipe, t.sample_grid)
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor | None]:
-        images, labels = next(batches)
-        progress.batches += 1
-        images = images.to(device, non_blocking=True)
-        if recipe.data.hflip:
-            flip = torch.rand(images.shape[0]) < 0.5  # the global RNG: restored exactly on resume
-            images = torch.where(flip.to(device)[:, None, None, None], images.flip(3), images)
-        images = images.contiguous(memory_format=memory_format)
-        return images, (labels.to(device) if m.num_classes else None)
-
-    stop_requested = False
-
-    def on_sigint(signum, frame):  # first Ctrl-C: finish the step, checkpoint, exit; second: abort
-        nonlocal stop_requested
-        stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    data, noise = Data(recipe, dataset, accelerator, progress.batches), Noise(recipe, device)
+    guard = BatchNormGuard(nets.raw_g)
+    streak = torch.zeros((), device=device)  # consecutive skipped steps, and the longest since the last check
+    worst = torch.zeros((), device=device)
+    log = RunLog(run_dir, accelerator, console, train.steps, progress.step, train.tensorboard)
+    stop = _StopOnCtrlC()
 
     def checkpoint() -> None:
-        save_state_atomically(accelerator, state_root, progress.step, keep=t.keep_checkpoints)
-        if main:
-            exported = ema.model if ema is not None else raw_g
-            save_model(run_dir / "g.safetensors", exported, step=progress.step, recipe=recipe.name, ema=ema is not None)
-            save_model(run_dir / "d.safetensors", raw_d, step=progress.step, recipe=recipe.name)
+        _check_streak(recipe, worst, progress.step, state_root)
+        commit_state(accelerator, state_root, progress.step, train.keep_checkpoints,
+                     lambda folder: save_state(folder, models=_state_models(nets), progress=progress,
+                                               optimizers={"g": nets.opt_g, "d": nets.opt_d},
+                                               scalers=_scaler_states(phases), rank=accelerator.process_index, main=main))
+        together(accelerator, lambda: _export(nets, recipe, run_dir, progress.step), main_only=True,
+                 what="write the checkpoints")
 
-    score_z, score_y = _grid_inputs(recipe, STRUCTURE_SAMPLES, offset=1)
-
-    def sample_grid() -> None:
-        """Fixed-noise grid; on synthetic data also the structure scores of the same generator."""
-        from sagan_cli.sample import grid_image, iter_generate
-
-        sampler = ema.model if ema is not None else raw_g
-        grid = torch.cat(list(iter_generate(sampler, grid_z, grid_y, batch_size=64, device=device)))
-        path = run_dir / "samples" / f"step-{progress.step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        grid_image(grid).save(path)
-        if recipe.data.kind == "synthetic":
-            from sagan_cli.structure import score_images
-
-            images = torch.cat(list(iter_generate(sampler, score_z, score_y, batch_size=64, device=device)))
-            scores = score_images(images, recipe.data.synthetic_blobs_per_side)
-            log_file.write(json.dumps({"step": progress.step, "structure": scores}) + "\n")
-            log_file.flush()
-            bar.console.print(f"step {progress.step}: valid layouts {scores['valid_fraction']:.1%}, "
-                              f"symmetry ratio {scores['symmetry_ratio']:.2f}, blobs {scores['mean_blobs']:.2f}")
-
-    def evaluate() -> None:
-        """FID & co. on the EMA generator; keeps the best-FID generator as g_best.safetensors."""
-        from sagan_cli.metrics import evaluate_generator
-
-        sampler = ema.model if ema is not None else raw_g
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave training's RNG alone
-            scores = evaluate_generator(sampler, recipe, num_samples=recipe.eval.num_samples,
-                                        metrics=recipe.eval.metrics, device=device,
-                                        batch_size=recipe.eval.batch_size, seed=t.seed)
-        log_file.write(json.dumps({"step": progress.step, "eval": scores}) + "\n")
-        log_file.flush()
-        bar.console.print(f"step {progress.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-        if "fid" in scores and scores["fid"] < progress.best_fid:
-            progress.best_fid = scores["fid"]
-            save_model(run_dir / "g_best.safetensors", sampler, step=progress.step, recipe=recipe.name, ema=ema is not None)
-        if t.tensorboard:
-            accelerator.log({f"eval/{k}": v for k, v in scores.items()}, step=progress.step)
-
-    bar = Progress(
-        TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not main,
-    )
-    bad_steps = 0
+    # ---- train ----
     window_start, window_images = time.perf_counter(), 0
-    log_file = (run_dir / "metrics.jsonl").open("a") if main else None
     try:
-        with bar:
-            task = bar.add_task("train", total=t.steps, completed=progress.step, info="")
-            if progress.step == 0 and main:
-                sample_grid()  # the untrained generator: the baseline every later grid is compared with
-            while progress.step < t.steps:
-                out = train_step(accelerator, generator, discriminator, opt_g, opt_d, next_batch, recipe, memory_format)
-                d_ok, g_ok = out.d_ok, out.g_ok
-                if ema is not None:
-                    ema.update(raw_g, progress.step)
+        with log.bar:
+            if progress.step == 0:  # the untrained generator: the baseline every later grid is compared with
+                together(accelerator, lambda: _sample_grid(recipe, nets, run_dir, 0, log), main_only=True,
+                         what="write the sample grid")
+            while progress.step < train.steps:
+                guard.snapshot()
+                d_stats, g_stats, bad = train_step(phases, data, noise, d_steps=train.d_steps,
+                                                   reuse_fakes=train.reuse_fakes)
+                guard.restore_if(bad)
+                if nets.ema is not None:
+                    nets.ema.update(nets.raw_g, progress.step)
+                streak = (streak + 1) * bad
+                worst = torch.maximum(worst, streak)
                 progress.step += 1
-                window_images += t.batch_size * accelerator.num_processes
-
-                bad_steps = 0 if (d_ok and g_ok) else bad_steps + 1
-                if bad_steps >= t.max_bad_steps:
-                    last = latest_state(state_root)
-                    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-                    raise UserError(
-                        f"training diverged: non-finite losses for {bad_steps} consecutive steps at step {progress.step} "
-                        f"({where}); try lower learning rates or train.mixed_precision = \"no\""
-                    )
-                last_step = progress.step == t.steps
-                if progress.step % t.log_every == 0 or last_step:
+                progress.batches += train.d_steps
+                window_images += train.batch_size * train.d_steps * accelerator.num_processes
+                last_step = progress.step == train.steps
+                if progress.step % train.log_every == 0 or last_step:
+                    _check_streak(recipe, worst, progress.step, state_root)
+                    worst = streak.clone()
                     now = time.perf_counter()
-                    record = {
-                        "step": progress.step,
-                        "loss_d": out.loss_d.item(), "loss_g": out.loss_g.item(),
-                        "d_real": out.d_real.item(), "d_fake": out.d_fake.item(),
-                        "img_per_s": window_images / max(now - window_start, 1e-9),
-                        "lr_g": opt_g.param_groups[0]["lr"], "lr_d": opt_d.param_groups[0]["lr"],
-                        "gamma": {**{f"g.{k}": v for k, v in gammas(raw_g).items()},
-                                  **{f"d.{k}": v for k, v in gammas(raw_d).items()}},
-                    }
+                    record = _record(progress.step, d_stats, g_stats, nets, window_images / max(now - window_start, 1e-9))
                     window_start, window_images = now, 0
-                    if main:
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
-                        bar.update(task, info=f"D {record['loss_d']:.3f}  G {record['loss_g']:.3f}  {record['img_per_s']:.0f} img/s")
-                    if t.tensorboard:
-                        accelerator.log({k: v for k, v in record.items() if isinstance(v, float)}, step=progress.step)
-                bar.update(task, completed=progress.step)
-                if main and (progress.step % t.sample_every == 0 or last_step):
-                    sample_grid()
+                    log.write(record)
+                    log.progress(progress.step, f"D {record['loss_d']:.3f}  G {record['loss_g']:.3f}  "
+                                                f"{record['img_per_s']:.0f} img/s")
+                else:
+                    log.progress(progress.step)
+                if progress.step % train.sample_every == 0 or last_step:
+                    together(accelerator, lambda: _sample_grid(recipe, nets, run_dir, progress.step, log),
+                             main_only=True, what="write the sample grid")
                 if recipe.eval.every and (progress.step % recipe.eval.every == 0 or last_step):
-                    failure = None
-                    if main:
-                        try:
-                            evaluate()
-                        except UserError as exc:
-                            failure = exc
-                    if _any_process(accelerator, failure is not None):  # also the barrier
-                        raise failure or UserError("evaluation failed on the main process (see its message)")
-                if progress.step % t.checkpoint_every == 0 or last_step:
+                    together(accelerator, lambda: _evaluate(recipe, nets, run_dir, progress, log, device),
+                             main_only=True, what="evaluate")
+                if progress.step % train.checkpoint_every == 0 or last_step:
                     checkpoint()
-                if _any_process(accelerator, stop_requested):
+                if stop.requested(accelerator, every=train.log_every, step=progress.step):
                     checkpoint()
                     if main:
                         console.print(f"interrupted: checkpoint saved at step {progress.step}; continue with --resume")
                     break
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        if log_file is not None:
-            log_file.close()
+        stop.restore()
+        log.close()
     accelerator.wait_for_everyone()
-    if t.tensorboard:
+    if train.tensorboard:
         accelerator.end_training()  # also destroys the process group: nothing collective after it
-    return TrainResult(raw_g, raw_d, ema.model if ema is not None else None, progress.step, run_dir)
+    return TrainResult(nets.raw_g, nets.raw_d, nets.ema.model if nets.ema is not None else None, progress.step, run_dir)
 
 
-@dataclass
-class StepOutput:
-    loss_d: torch.Tensor
-    loss_g: torch.Tensor
-    d_real: torch.Tensor  # mean D output on real images (last D step)
-    d_fake: torch.Tensor
-    d_ok: bool  # the losses were finite on every process and the update was applied
-    g_ok: bool
+# ---- the pieces the loop calls ----
+
+def _check_run_folder(recipe: Recipe, run_dir: Path, resume: bool, world: int) -> Path | None:
+    """The state to resume from (None for a new run); refuses what would overwrite or corrupt a run."""
+    state = latest_state(run_dir / "state")
+    if not resume:
+        if state is not None or any((run_dir / f).exists() for f in RUN_FILES):
+            raise UserError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
+        return None
+    if state is None or not (run_dir / "config.json").is_file():
+        raise UserError(f"nothing to resume in {run_dir} (no state/ checkpoint); drop --resume to start a new run")
+    saved = recipe_from_json(run_dir / "config.json").to_dict()
+    new = recipe.to_dict()
+    for dotted in [f"model.{k}" for k in saved["model"]] + list(FROZEN_ON_RESUME):
+        table, key = dotted.split(".")
+        if saved[table][key] != new[table][key]:
+            raise UserError(f"--resume cannot change {dotted} ({saved[table][key]!r} in the saved run, "
+                            f"{new[table][key]!r} now); start a new run with another --out")
+    progress, _ = read_progress(state)
+    if progress.world_size != world:
+        raise UserError(f"--resume cannot change the number of processes ({progress.world_size} in the saved run, "
+                        f"{world} now): the data order and each process's noise depend on it; "
+                        f"launch {progress.world_size} processes")
+    if recipe.train.steps < progress.step:
+        raise UserError(f"train.steps = {recipe.train.steps} is below the saved step {progress.step}; "
+                        "--resume only trains longer")
+    return state
 
 
-def train_step(
-    accelerator: Accelerator,
-    generator: nn.Module,
-    discriminator: nn.Module,
-    opt_g: torch.optim.Optimizer,
-    opt_d: torch.optim.Optimizer,
-    next_batch,
-    recipe: Recipe,
-    memory_format: torch.memory_format = torch.contiguous_format,
-) -> StepOutput:
-    """One iteration: `d_steps` D updates, then one G update. Models/optimizers come from accelerator.prepare."""
-    t, m = recipe.train, recipe.model
-    device = accelerator.device
-    raw_d: Discriminator = accelerator.unwrap_model(discriminator)
+def _write_config(recipe: Recipe, run_dir: Path) -> None:
+    text = json.dumps(recipe.to_dict(), indent=2) + "\n"
+    atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(text))
 
-    def fake_labels(n: int) -> torch.Tensor | None:
-        return torch.randint(0, m.num_classes, (n,), device=device) if m.num_classes else None
 
-    # ---- discriminator: fakes under no_grad, real and fake through D in one batch ----
-    discriminator.train()
-    raw_d.requires_grad_(True)
-    d_ok = True
-    for _ in range(t.d_steps):
-        real, labels = next_batch()
-        n = real.shape[0]
-        fl = fake_labels(n)
-        with torch.no_grad(), accelerator.autocast():
-            fake = generator(torch.randn(n, m.z_dim, device=device), fl)
-        with accelerator.autocast():
-            both = torch.cat([real, fake.to(real.dtype)]).contiguous(memory_format=memory_format)
-            logits = discriminator(both, None if labels is None else torch.cat([labels, fl])).float()
-            d_real, d_fake = logits.split(n)
-            loss_d = d_loss(t.loss, d_real, d_fake)
-            if t.loss == "wgan-gp":
-                raw_d.eval()  # spectral norm keeps the vectors this step's forward just refined
-                loss_d = loss_d + t.gp_weight * gradient_penalty(raw_d, real, fake, labels)
-                raw_d.train()
-        opt_d.zero_grad(set_to_none=True)
-        accelerator.backward(loss_d)
-        finite = _all_finite(accelerator, loss_d)
-        d_ok = d_ok and finite
-        if finite:
-            opt_d.step()
+def _state_models(nets: Nets) -> dict[str, nn.Module]:
+    models = {"g": nets.raw_g, "d": nets.raw_d}
+    if nets.ema is not None:
+        models["ema"] = nets.ema.model
+    return models
 
-    # ---- generator: D frozen and in eval mode (no weight grads, no second power iteration) ----
-    raw_d.eval().requires_grad_(False)
-    with accelerator.autocast():
-        fl = fake_labels(t.batch_size)
-        fake = generator(torch.randn(t.batch_size, m.z_dim, device=device), fl)
-        loss_g = g_loss(t.loss, raw_d(fake.contiguous(memory_format=memory_format), fl).float())
-    opt_g.zero_grad(set_to_none=True)
-    accelerator.backward(loss_g)
-    g_ok = _all_finite(accelerator, loss_g)
-    if g_ok:
-        opt_g.step()
-    return StepOutput(loss_d.detach(), loss_g.detach(), d_real.detach().mean(), d_fake.detach().mean(), d_ok, g_ok)
+
+def _resume(recipe: Recipe, folder: Path, nets: Nets, accelerator: Accelerator, run_dir: Path,
+            console: Console) -> Progress:
+    load_state(folder, models=_state_models(nets), optimizers={"g": nets.opt_g, "d": nets.opt_d},
+               rank=accelerator.process_index)
+    progress, _ = read_progress(folder)
+    train = recipe.train
+    for optimizer, lr in ((nets.opt_g, train.lr_g), (nets.opt_d, train.lr_d)):  # new learning rates apply
+        for group in optimizer.param_groups:
+            group["lr"], group["betas"] = lr, (train.beta1, train.beta2)
+    if accelerator.is_main_process:
+        _truncate_log(run_dir / "metrics.jsonl", progress.step)
+        console.print(f"resumed from step {progress.step}")
+    return progress
+
+
+def _scaler_states(phases: Phases) -> dict[str, dict]:
+    return {name: scaler.state_dict() for name, scaler in phases.scalers.items() if scaler is not None}
+
+
+def _load_scalers(phases: Phases, folder: Path) -> None:
+    _, states = read_progress(folder)
+    for name, scaler in phases.scalers.items():
+        if scaler is not None and name in states:
+            scaler.load_state_dict(states[name])
+
+
+def _export(nets: Nets, recipe: Recipe, run_dir: Path, step: int) -> None:
+    save_model(run_dir / "g.safetensors", nets.exported_g(), step=step, recipe=recipe.name, ema=nets.ema is not None)
+    save_model(run_dir / "d.safetensors", nets.raw_d, step=step, recipe=recipe.name)
+
+
+def _check_streak(recipe: Recipe, worst: torch.Tensor, step: int, state_root: Path) -> None:
+    """Stop once `max_bad_steps` consecutive steps were skipped (read here, at log and checkpoint steps only)."""
+    longest = int(worst.item())
+    if longest >= recipe.train.max_bad_steps:
+        last = latest_state(state_root)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise UserError(
+            f"training diverged: non-finite losses for {longest} consecutive steps by step {step} "
+            f"({where}); try lower learning rates or train.mixed_precision = \"no\""
+        )
+
+
+def _record(step: int, d_stats, g_stats, nets: Nets, img_per_s: float) -> dict:
+    loss_d, loss_g, d_real, d_fake = torch.stack([d_stats.loss, g_stats.loss, d_stats.real, d_stats.fake]).tolist()
+    return {
+        "step": step, "loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake, "img_per_s": img_per_s,
+        "lr_g": nets.opt_g.param_groups[0]["lr"], "lr_d": nets.opt_d.param_groups[0]["lr"],
+        "gamma": {**{f"g.{k}": v for k, v in gammas(nets.raw_g).items()},
+                  **{f"d.{k}": v for k, v in gammas(nets.raw_d).items()}},
+    }
+
+
+def _sample_grid(recipe: Recipe, nets: Nets, run_dir: Path, step: int, log: RunLog) -> None:
+    """Fixed-noise grid; on synthetic data also the structure scores of the same generator."""
+    from sagan_cli.sample import grid_image, iter_generate
+
+    sampler, device = nets.exported_g(), next(nets.raw_g.parameters()).device
+    grid_z, grid_y = grid_inputs(recipe, recipe.train.sample_grid)
+    grid = torch.cat(list(iter_generate(sampler, grid_z, grid_y, batch_size=64, device=device)))
+    path = run_dir / "samples" / f"step-{step:07d}.png"
+    atomic_write(path, lambda tmp: grid_image(grid).save(tmp, format="png"))
+    if recipe.data.kind == "synthetic":
+        from sagan_cli.structure import score_images
+
+        score_z, score_y = grid_inputs(recipe, STRUCTURE_SAMPLES, offset=1)
+        images = torch.cat(list(iter_generate(sampler, score_z, score_y, batch_size=64, device=device)))
+        scores = score_images(images, recipe.data.synthetic_blobs_per_side)
+        log.write({"step": step, "structure": scores},
+                  f"step {step}: valid layouts {scores['valid_fraction']:.1%}, "
+                  f"symmetry ratio {scores['symmetry_ratio']:.2f}, blobs {scores['mean_blobs']:.2f}")
+
+
+def _evaluate(recipe: Recipe, nets: Nets, run_dir: Path, progress: Progress, log: RunLog, device) -> None:
+    """FID & co. on the EMA generator; keeps the best-FID generator as g_best.safetensors."""
+    from sagan_cli.metrics import evaluate_generator
+
+    sampler = nets.exported_g()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave training's RNG alone
+        scores = evaluate_generator(sampler, recipe, num_samples=recipe.eval.num_samples, metrics=recipe.eval.metrics,
+                                    device=device, batch_size=recipe.eval.batch_size, seed=recipe.train.seed)
+    log.write({"step": progress.step, "eval": scores},
+              f"step {progress.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+    if "fid" in scores and scores["fid"] < progress.best_fid:
+        progress.best_fid = scores["fid"]
+        save_model(run_dir / "g_best.safetensors", sampler, step=progress.step, recipe=recipe.name,
+                   ema=nets.ema is not None)
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step (written after the last checkpoint of a crashed run)."""
-    if path.exists():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(x for x in lines if json.loads(x).get("step", 0) <= step))
+    """Drop log lines past the resumed step (written after the last checkpoint of a crashed run), and a torn
+    last line; rewritten atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn by a crash mid-write
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
 def _check_eval(recipe: Recipe) -> None:
@@ -447,16 +505,24 @@ def _check_eval(recipe: Recipe) -> None:
         find_inception_weights(recipe.eval.inception_weights or None)
 
 
-def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every process (all ranks must take the same decision)."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    if accelerator.num_processes > 1:
-        bad = accelerator.reduce(bad, reduction="sum")
-    return bool(bad.item() == 0)
+class _StopOnCtrlC:
+    """First Ctrl-C: finish the step, checkpoint, exit 0; a second one aborts."""
 
+    def __init__(self):
+        self.flag = False
+        self.previous = signal.signal(signal.SIGINT, self._handler)
 
-def _any_process(accelerator: Accelerator, flag: bool) -> bool:
-    if accelerator.num_processes == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def requested(self, accelerator: Accelerator, *, every: int, step: int) -> bool:
+        if accelerator.num_processes == 1:
+            return self.flag
+        if step % every:  # ranks agree only where they talk: every `log_every` steps
+            return False
+        flag = torch.tensor([float(self.flag)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)

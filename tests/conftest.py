@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+
+# Exact comparisons on a CUDA machine: no TF32 in matmuls and convolutions.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+# Under pytest-xdist each worker gets its share of the cores, not all of them (oversubscribed
+# workers made the suite crawl on a 16-core GPU machine).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 RGB = tuple[int, int, int]
 

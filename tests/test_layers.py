@@ -89,6 +89,8 @@ def test_all_paths_match_the_formula_values_and_gradients(variant, shape):
             # the key bias adds a constant to each softmax row, so its true gradient is 0 and what
             # every path computes is cancellation noise of sums as large as the key weight's gradient
             scale = want[2]["key.parametrizations.weight.original"].abs().max().item() if pname == "key.bias" else None
+            if pname == "gamma":  # one sum over every output element: fp32 error grows like sqrt(terms)
+                scale = max(want[2]["gamma"].abs().item(), x.numel() ** 0.5 / 32)
             assert_close(gp[pname], want[2][pname], f"{name} grad {pname}", scale)
         assert gp["gamma"].abs() > 0
 

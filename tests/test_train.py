@@ -15,9 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sagan_cli.checkpoint import latest_state, load_model, read_info
+from sagan_cli.checkpoint import load_model, read_info
 from sagan_cli.config import recipe_from_dict
 from sagan_cli.errors import UserError
+from sagan_cli.models import Discriminator, Generator
+from sagan_cli.state import latest_state
 from sagan_cli.train import batch_indices, run_training
 
 TINY = {
@@ -60,9 +62,17 @@ def test_batch_order_is_a_function_of_position():
 
 @pytest.mark.parametrize("loss", ["hinge", "nonsaturating", "wgan-gp"])
 def test_each_loss_trains_and_writes_the_run_directory(tmp_path, loss):
-    result = run_training(tiny_recipe(train__loss=loss, train__steps=2), tmp_path / "run")
+    recipe = tiny_recipe(train__loss=loss, train__steps=2)
+    torch.manual_seed(recipe.train.seed)  # the initial weights training starts from (it seeds the same way)
+    initial_g, initial_d = Generator(recipe.model).state_dict(), Discriminator(recipe.model).state_dict()
+    result = run_training(recipe, tmp_path / "run")
     run = tmp_path / "run"
     assert result.step == 2
+    # both networks moved away from their initial weights, and stayed finite
+    for initial, trained in ((initial_g, result.generator), (initial_d, result.discriminator)):
+        moved = [k for k, v in trained.named_parameters() if not torch.equal(v.detach(), initial[k])]
+        assert len(moved) >= len(list(trained.parameters())) // 2, moved
+        assert all(torch.isfinite(v).all() for v in trained.parameters())
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in lines if "loss_d" in r]
     assert [r["step"] for r in records] == [1, 2]
@@ -80,7 +90,14 @@ def test_each_loss_trains_and_writes_the_run_directory(tmp_path, loss):
 
 def test_bf16_and_conditional_training_on_cpu(tmp_path):
     recipe = tiny_recipe(train__mixed_precision="bf16", model__num_classes=3, train__steps=2)
-    result = run_training(recipe, tmp_path / "run")
+    dtypes = set()  # what the convolutions computed in while training: autocast must have run them in bf16
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: dtypes.add(out.dtype) if isinstance(module, torch.nn.Conv2d) and module.training else None)
+    try:
+        result = run_training(recipe, tmp_path / "run")
+    finally:
+        hook.remove()
+    assert torch.bfloat16 in dtypes
     assert result.step == 2
     assert all(torch.isfinite(p).all() for p in result.generator.parameters())
     g, info = load_model(tmp_path / "run" / "g.safetensors", expect="generator")
@@ -212,35 +229,70 @@ from safetensors.torch import save_file
 from sagan_cli.config import recipe_from_dict
 from sagan_cli.train import run_training
 raw = {raw!r}
-result = run_training(recipe_from_dict(raw, name="ddp"), sys.argv[1])
+raw["train"]["steps"] = int(sys.argv[2])
+raw["eval"] = {{"every": 2, "num_samples": 16, "metrics": ["structure"]}}  # rank 0 evaluates, rank 1 waits
+result = run_training(recipe_from_dict(raw, name="ddp"), sys.argv[1], resume=sys.argv[3] == "resume")
 rank = int(os.environ["RANK"])
-# parameters only: each rank draws its own noise, so BatchNorm statistics legitimately differ
-params = {{f"g.{{k}}": v for k, v in result.generator.named_parameters()}}
-params.update({{f"d.{{k}}": v for k, v in result.discriminator.named_parameters()}})
-save_file({{k: v.detach().contiguous() for k, v in params.items()}}, f"{{sys.argv[1]}}.rank{{rank}}.safetensors")
+tensors = {{f"g.{{k}}": v for k, v in result.generator.state_dict().items()}}
+tensors.update({{f"d.{{k}}": v for k, v in result.discriminator.state_dict().items()}})
+save_file({{k: v.detach().contiguous() for k, v in tensors.items()}}, f"{{sys.argv[1]}}.rank{{rank}}.safetensors")
 """
 
 
-def test_two_processes_on_cpu_stay_in_sync_and_only_rank0_writes(tmp_path):
-    script = tmp_path / "ddp.py"
-    script.write_text(TWO_RANKS.format(raw=TINY))
-    run = tmp_path / "run"
+def two_ranks(script: Path, run: Path, steps: int, resume: bool = False) -> dict[int, dict[str, torch.Tensor]]:
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--standalone", str(script), str(run)],
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          str(script), str(run), str(steps), "resume" if resume else "new"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    r0, r1 = (load_file(f"{run}.rank{r}.safetensors") for r in (0, 1))
-    assert any(k.startswith("d.") for k in r0) and r0.keys() == r1.keys()
-    assert all(torch.equal(r0[k], r1[k]) for k in r0)
-    # one progress bar, one log, one set of exports; each rank saved only its own RNG state
+    assert out.stdout.count(f"step {steps}/{steps}") <= 1  # one progress bar
+    return {r: load_file(f"{run}.rank{r}.safetensors") for r in (0, 1)}
+
+
+def test_two_processes_stay_in_sync_draw_their_own_noise_and_resume_exactly(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(TWO_RANKS.format(raw=TINY))
+    straight = two_ranks(script, tmp_path / "straight", 4)
+    r0, r1 = straight[0], straight[1]
+    params = [k for k in r0 if "running_" not in k and "num_batches" not in k and not k.endswith(("_u", "_v"))]
+    assert any(k.startswith("d.") for k in params) and r0.keys() == r1.keys()
+    assert all(torch.equal(r0[k], r1[k]) for k in params)  # DDP keeps the weights identical
+    # each rank drew its own noise: G's BatchNorm saw other fakes on each rank
+    running = [k for k in r0 if k.startswith("g.") and "running_mean" in k]
+    assert running and all(not torch.equal(r0[k], r1[k]) for k in running)
+    # one log, one set of exports; each rank saved its own RNG state, nothing pickled
+    run = tmp_path / "straight"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss_d" in x] == [1, 2, 3, 4]
-    assert out.stdout.count("step 4/4") <= 1
+    assert [x["step"] for x in lines if "eval" in x] == [2, 4]
     state = latest_state(run / "state")
-    assert sorted(p.name for p in state.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert sorted(p.name for p in state.iterdir()) == ["models.safetensors", "optimizers.safetensors",
+                                                       "progress.json", "rng-rank0.json", "rng-rank1.json"]
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "d.safetensors", "g.safetensors",
                                                      "metrics.jsonl", "samples", "state"]
+    # two-process resume is exact
+    two_ranks(script, tmp_path / "halves", 2)
+    resumed = two_ranks(script, tmp_path / "halves", 4, resume=True)
+    for rank in (0, 1):
+        assert [k for k in straight[rank] if not torch.equal(straight[rank][k], resumed[rank][k])] == []
+    # and another number of processes is refused, naming it
+    with pytest.raises(UserError, match="number of processes"):
+        run_training(tiny_recipe(train__steps=6), tmp_path / "halves", resume=True)
+
+
+def test_a_failure_on_rank_0_alone_stops_every_rank_with_one_error_line(tmp_path):
+    recipe = write_recipe(tmp_path / "r.toml", 4)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "samples").write_text("a file where rank 0 writes its sample grids")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          "-m", "sagan_cli", "train", str(recipe), "--out", str(run)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "sample grid" in errors[0] and "samples" in errors[0], out.stderr[-2000:]
+    assert "sagan_cli/" not in out.stderr  # no traceback from our code (torchrun reports the exit code itself)
 
 
 def test_evaluation_during_training_is_logged_and_leaves_training_unchanged(tmp_path):
@@ -270,7 +322,63 @@ def test_resume_applies_new_learning_rates_and_refuses_to_shrink(tmp_path):
         run_training(tiny_recipe(train__batch_size=4), tmp_path / "run", resume=True)
     log = tmp_path / "run" / "metrics.jsonl"
     log.write_text(log.read_text() + json.dumps({"step": 3, "loss_d": 0.0}) + "\n")  # logged, never checkpointed
-    result = run_training(tiny_recipe(train__steps=3, train__lr_g=5e-5), tmp_path / "run", resume=True)
+    result = run_training(tiny_recipe(train__steps=3, train__lr_g=5e-5, train__lr_d=3e-4), tmp_path / "run", resume=True)
     assert result.step == 3
-    steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if "loss_d" in x]
-    assert steps == [1, 2, 3]  # the stale step-3 line was dropped, the new one written once
+    records = [json.loads(x) for x in log.read_text().splitlines() if "loss_d" in x]
+    assert [r["step"] for r in records] == [1, 2, 3]  # the stale step-3 line was dropped, the new one written once
+    assert [(r["lr_g"], r["lr_d"]) for r in records] == [(1e-4, 4e-4), (1e-4, 4e-4), (5e-5, 3e-4)]
+
+
+def test_a_skipped_non_finite_step_leaves_every_saved_model_finite(tmp_path):
+    """Plant NaN in G's activations from the third step on: the error must name a state that samples finite images."""
+    from safetensors.torch import load_file as load_tensors
+
+    from sagan_cli.layers import DCGANUpBlock
+
+    forwards = {"n": 0}
+
+    def poison(module, args, out):
+        if isinstance(module, DCGANUpBlock) and module.training and module.conv.in_channels == 128:  # G's stem
+            forwards["n"] += 1
+            if forwards["n"] > 2:  # one training forward of G per step (reuse_fakes)
+                return out * float("nan")
+        return None
+
+    hook = torch.nn.modules.module.register_module_forward_hook(poison)
+    try:
+        with pytest.raises(UserError, match="non-finite losses for 3 consecutive steps") as info:
+            run_training(tiny_recipe(train__steps=20, train__max_bad_steps=3, train__checkpoint_every=1),
+                         tmp_path / "run")
+    finally:
+        hook.remove()
+    named = latest_state(tmp_path / "run" / "state")
+    assert str(named) in str(info.value)
+    for name, tensor in load_tensors(str(named / "models.safetensors")).items():
+        assert torch.isfinite(tensor).all(), name
+    g, _ = load_model(tmp_path / "run" / "g.safetensors", expect="generator")
+    assert all(torch.isfinite(b).all() for b in g.buffers())
+    with torch.no_grad():
+        images = g(torch.randn(8, g.config.z_dim))
+    assert torch.isfinite(images).all() and images.std() > 0
+
+
+def test_resume_survives_a_torn_log_line_and_never_unpickles(tmp_path):
+    import pickle
+
+    run = tmp_path / "run"
+    run_training(tiny_recipe(train__steps=2), run)
+    log = run / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 3, "loss_d": 0.1')  # a crash mid-write
+    marker = tmp_path / "unpickled"
+
+    class Payload:  # unpickling this runs code: a hostile file in a shared run folder
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    state = latest_state(run / "state")
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin"):
+        (state / name).write_bytes(pickle.dumps(Payload()))
+    result = run_training(tiny_recipe(train__steps=3), run, resume=True)
+    assert result.step == 3 and not marker.exists()
+    records = [json.loads(x) for x in log.read_text().splitlines()]  # every line parses again
+    assert [r["step"] for r in records if "loss_d" in r] == [1, 2, 3]

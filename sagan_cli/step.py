@@ -1,0 +1,143 @@
+"""One SAGAN training step as two phases, each a network update over explicit tensors.
+
+- `d_phase(real, labels, z, fake_labels)`: D learns real from fake. Real and fake go through D in ONE
+  batch (D has no BatchNorm, so this is exact and runs spectral norm's power iteration once).
+- `g_phase(z, fake_labels)`: G learns to fool D. D runs in eval mode with frozen weights, so the
+  gradient reaches G only and spectral norm reuses the vectors the D phase just refined.
+
+Nothing in a phase waits for the device: the finiteness of each update is a device tensor handed to the
+optimizer as `found_inf` (the fused/foreach Adam kernels then skip the update on the device), and the
+losses come back as device tensors that the loop reads only when it logs. Each phase is a plain function
+of tensors, so it can be timed, skipped or compiled on its own (two frames, one per `requires_grad` state
+of D's weights: pytorch issue 139476 is about sharing one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sagan_cli.losses import d_loss, g_loss, gradient_penalty
+
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class DStats:
+    loss: torch.Tensor  # D's loss (0-dim, on the device)
+    real: torch.Tensor  # mean D output on the real images
+    fake: torch.Tensor  # mean D output on the fakes
+    bad: torch.Tensor  # 1.0 when the update was skipped (a non-finite loss or gradient), else 0.0
+
+
+@dataclass
+class GStats:
+    loss: torch.Tensor
+    bad: torch.Tensor
+
+
+def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Adam:
+    """Adam as one fused kernel per step where torch has it for the device (CPU and CUDA do), else foreach."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
+
+
+def skip_if_not_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """The flag (1.0 = skip) for the coming `optimizer.step()`: the loss or any gradient is not finite.
+
+    One kernel checks every gradient (GradScaler's, with a unit scale). Adam reads the flag as
+    `found_inf` and skips the update on the device: no host synchronisation.
+    """
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    found = torch.isnan(loss.detach() * 0).float()  # x * 0 is NaN exactly when x is not finite
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones((), device=found.device))
+    return found
+
+
+class Phases:
+    """The D and G updates of one step; everything is resolved here, once, never inside the loop.
+
+    `generator`/`discriminator` are what trains (DDP wrappers under multi-process), `raw_d` the bare D
+    used frozen in the G phase. With `reuse_fakes`, the D phase's fakes are drawn with G's graph kept,
+    and the G phase reuses them: one G forward per step instead of two.
+    """
+
+    def __init__(self, *, generator: nn.Module, discriminator: nn.Module, raw_d: nn.Module,
+                 opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, loss: str, gp_weight: float,
+                 precision: str, device: torch.device, channels_last: bool, compile: bool = False,
+                 reduce_flag=None):
+        self.generator, self.discriminator, self.raw_d = generator, discriminator, raw_d
+        self.opt_g, self.opt_d = opt_g, opt_d
+        self.loss, self.gp_weight = loss, gp_weight
+        self.device = device
+        self.dtype = HALF.get(precision)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # fp16 only: one loss scaler per network, so an overflow in D does not lower G's scale
+        self.scalers = {name: torch.amp.GradScaler(device.type) if precision == "fp16" else None for name in "dg"}
+        self.reduce_flag = reduce_flag or (lambda flag: flag)  # multi-process: the max over every rank
+        self.pending_fake: torch.Tensor | None = None
+        self.pending_labels: torch.Tensor | None = None
+        # torch.compile each phase's forward and loss (two frames); backward and the fused Adam stay eager
+        self.d_forward = torch.compile(self._d_forward) if compile else self._d_forward
+        self.g_forward = torch.compile(self._g_forward) if compile else self._g_forward
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def _update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+        else:  # fp16: scale the loss, then unscale the gradients (GradScaler also tracks overflows)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        bad = self.reduce_flag(skip_if_not_finite(optimizer, loss))
+        optimizer.found_inf = bad
+        optimizer.step()
+        if scaler is not None:
+            scaler.update()
+        return bad
+
+    def _d_forward(self, real: torch.Tensor, labels: torch.Tensor | None, z: torch.Tensor,
+                   fake_labels: torch.Tensor | None, keep_fakes: bool):
+        with torch.set_grad_enabled(keep_fakes), self.autocast():
+            fake = self.generator(z, fake_labels)
+        with self.autocast():
+            both = torch.cat([real, fake.detach().to(real.dtype)]).contiguous(memory_format=self.memory_format)
+            both_labels = None if labels is None else torch.cat([labels, fake_labels])
+            d_real, d_fake = self.discriminator(both, both_labels).float().split(real.shape[0])
+            return d_loss(self.loss, d_real, d_fake), d_real, d_fake, fake
+
+    def _g_forward(self, fake: torch.Tensor, fake_labels: torch.Tensor | None) -> torch.Tensor:
+        with self.autocast():
+            return g_loss(self.loss, self.raw_d(fake.contiguous(memory_format=self.memory_format), fake_labels).float())
+
+    def d_phase(self, real: torch.Tensor, labels: torch.Tensor | None, z: torch.Tensor,
+                fake_labels: torch.Tensor | None, *, keep_fakes: bool = False) -> DStats:
+        """One D update on a real batch and fakes from `z`; `keep_fakes` keeps G's graph for the G phase."""
+        self.raw_d.train().requires_grad_(True)
+        loss, d_real, d_fake, fake = self.d_forward(real, labels, z, fake_labels, keep_fakes)
+        if keep_fakes:
+            self.pending_fake, self.pending_labels = fake, fake_labels
+        if self.loss == "wgan-gp":  # twice differentiated: eager, outside any compiled frame
+            self.raw_d.eval()  # spectral norm keeps the vectors this phase's forward just refined
+            with self.autocast():
+                loss = loss + self.gp_weight * gradient_penalty(self.raw_d, real, fake.detach(), labels)
+            self.raw_d.train()
+        bad = self._update(self.opt_d, loss, self.scalers["d"])
+        return DStats(loss.detach(), d_real.detach().mean(), d_fake.detach().mean(), bad)
+
+    def g_phase(self, z: torch.Tensor | None, fake_labels: torch.Tensor | None) -> GStats:
+        """One G update; z None: the fakes the last D phase kept (their graph through G is still alive)."""
+        self.raw_d.eval().requires_grad_(False)
+        if z is None:
+            fake, fake_labels = self.pending_fake, self.pending_labels
+            self.pending_fake = self.pending_labels = None
+        else:
+            with self.autocast():
+                fake = self.generator(z, fake_labels)
+        loss = self.g_forward(fake, fake_labels)
+        bad = self._update(self.opt_g, loss, self.scalers["g"])
+        return GStats(loss.detach(), bad)
