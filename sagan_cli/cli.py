@@ -212,6 +212,32 @@ def info(
     Console().print(table)
 
 
+# --- report, interpolate, import-port, export (issue 13) ---
+
+
+@app.command(epilog="Example: sagan report runs/quick --out runs/quick/report.html --image photo.jpg")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (the --out of `sagan train`), finished or not.",
+                                            show_default=False)],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file. \\[default: RUN_DIR/report.html]")] = None,
+    images: Annotated[
+        list[Path] | None, typer.Option("--image", help="A real image for D's attention explorer (repeatable).")
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Generated images in the explorer (G).")] = 4,
+    dataset_images: Annotated[
+        int, typer.Option("--dataset-images", help="Images of the run's dataset in the explorer (D).")
+    ] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Noise seed of the explorer's generated images.")] = 0,
+    device: DeviceOption = None,
+) -> None:
+    """One self-contained HTML page: curves, sample grids over time, the recipe and an attention explorer."""
+    from sagan_cli.report import build_report
+
+    path = build_report(run_dir, out, images=images, samples=samples, dataset_images=dataset_images,
+                        seed=seed, device=device)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
 def main() -> None:
     """Entry point of the `sagan` script: user errors become one line on stderr and exit code 2."""
     try:
