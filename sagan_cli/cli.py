@@ -213,6 +213,91 @@ def info(
     Console().print(table)
 
 
+# --- report, interpolate, import-port, export (issue 13) ---
+
+
+@app.command(epilog="Example: sagan report runs/quick --out runs/quick/report.html --image photo.jpg")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (the --out of `sagan train`), finished or not.",
+                                            show_default=False)],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file. \\[default: RUN_DIR/report.html]")] = None,
+    images: Annotated[
+        list[Path] | None, typer.Option("--image", help="A real image for D's attention explorer (repeatable).")
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Generated images in the explorer (G).")] = 4,
+    dataset_images: Annotated[
+        int, typer.Option("--dataset-images", help="Images of the run's dataset in the explorer (D).")
+    ] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Noise seed of the explorer's generated images.")] = 0,
+    device: DeviceOption = None,
+) -> None:
+    """One self-contained HTML page: curves, sample grids over time, the recipe and an attention explorer."""
+    from sagan_cli.report import build_report
+
+    path = build_report(run_dir, out, images=images, samples=samples, dataset_images=dataset_images,
+                        seed=seed, device=device)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+@app.command(
+    "import-port",
+    epilog="Example: sagan import-port --g models/sagan_celeb/1000000_G.pth --d models/sagan_celeb/1000000_D.pth "
+    "--out runs/port",
+)
+def import_port(
+    g: Annotated[Path | None, typer.Option("--g", help="The port's generator state dict (e.g. 1000000_G.pth).")] = None,
+    d: Annotated[Path | None, typer.Option("--d", help="The port's discriminator state dict (optional).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for g.safetensors, d.safetensors, config.json.")] = ...,
+) -> None:
+    """Convert heykeetae/Self-Attention-GAN checkpoints (64x64) into sagan checkpoints: same noise, same images."""
+    from sagan_cli.port import import_port as convert
+
+    for path in convert(g, d, out):
+        print(f"wrote {path}")
+
+
+@app.command(
+    epilog="Example: sagan interpolate --ckpt runs/quick/g.safetensors --seeds 0,5,9 --steps 10 --classes 0,3,7 "
+    "--out interp/",
+)
+def interpolate(
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="Generator checkpoint (a run's g.safetensors).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("interpolation"),
+    seeds: Annotated[str, typer.Option("--seeds", help="Noise seeds to pass through, in order.")] = "0,1,2,3",
+    steps: Annotated[int, typer.Option("--steps", help="Frames per segment, endpoints included.")] = 8,
+    mode: Annotated[str, typer.Option("--mode", help="slerp (great circle, norm kept between the ends) or lerp.")] = "slerp",
+    classes: Annotated[
+        str | None, typer.Option("--classes", help="Conditional G: also interpolate between these classes, e.g. 0,3,7.")
+    ] = None,
+    class_: Annotated[int | None, typer.Option("--class", help="Class of the seed interpolation. \\[default: 0]")] = None,
+    truncation: Annotated[float | None, typer.Option("--truncation", help="Truncate the noise to [-T, T].")] = None,
+    animation: Annotated[str, typer.Option("--animation", help="gif or webp.")] = "gif",
+    frame_ms: Annotated[int, typer.Option("--frame-ms", help="Milliseconds per animation frame.")] = 120,
+    device: DeviceOption = None,
+) -> None:
+    """Latent interpolation between seeds (and between classes): PNG sheets and an animated GIF/WebP."""
+    from sagan_cli.interpolate import interpolate as run
+
+    for path in run(ckpt, out, seeds=seeds, steps=steps, mode=mode, classes=classes, class_=class_,
+                    truncation=truncation, animation=animation, frame_ms=frame_ms, device=device):
+        print(f"wrote {path}")
+
+
+@app.command(epilog="Example: sagan export --ckpt runs/quick/g.safetensors --format onnx --out generator.onnx")
+def export(
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="Generator checkpoint (a run's g.safetensors).")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file. \\[default: CKPT with .onnx / .pt]")] = None,
+    check: Annotated[int, typer.Option("--check", help="Images compared with the original model after export.")] = 5,
+) -> None:
+    """Export a generator (class input when conditional; spectral norm folded) for serving, then verify it."""
+    from sagan_cli.export import export_generator
+
+    path, difference = export_generator(ckpt, fmt, out, check_samples=check)
+    runner = "onnxruntime" if fmt == "onnx" else "the reloaded TorchScript module"
+    print(f"wrote {path}; max |difference| to the original on {check} images ({runner}): {difference:.3g}")
+
+
 def main() -> None:
     """Entry point of the `sagan` script: user errors become one line on stderr and exit code 2."""
     try:

@@ -74,8 +74,8 @@ class Generator(nn.Module):
             h = self.stem(z).view(z.shape[0], self.stem_channels, 4, 4)
         for block in self.blocks:
             h = block(h, y)
-            if str(h.shape[-1]) in self.attention:
-                h = self.attention[str(h.shape[-1])](h)
+            if str(int(h.shape[-1])) in self.attention:
+                h = self.attention[str(int(h.shape[-1]))](h)
         if self.final_bn is not None:
             h = F.relu(self.final_bn(h))
         return torch.tanh(self.to_rgb(h))
@@ -112,7 +112,7 @@ class Discriminator(nn.Module):
         h = x
         for i, block in enumerate(self.blocks):
             h = block(h)
-            size = str(h.shape[-1])
+            size = str(int(h.shape[-1]))
             # the resnet D's extra 4x4 block must not run the 4x4 attention twice
             if size in self.attention and not (i == len(self.blocks) - 1 and self.config.arch == "resnet"):
                 h = self.attention[size](h)

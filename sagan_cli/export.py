@@ -1,0 +1,137 @@
+"""`sagan export`: a generator as ONNX or TorchScript for serving, checked against the original right away.
+
+Spectral norm is folded first: on a copy, every parametrisation is removed with its eval-mode value
+(weight / sigma from the stored singular vectors, no power iteration), so the exported graph holds
+plain weights and computes exactly what `sagan sample` does. BatchNorm uses its running statistics.
+Inputs: z [B, z_dim] float32 (and y [B] int64 for a class-conditional model); output: images
+[B, 3, R, R] in [-1, 1]. The batch dimension is dynamic; the check runs at another batch size than
+the one traced.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sagan_cli.checkpoint import load_model
+from sagan_cli.errors import UserError, check_writable
+from sagan_cli.sample import make_labels, make_noise
+
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
+OPSET = 17
+
+
+class ConditionalGenerator(nn.Module):
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.generator(z, y)
+
+
+class UnconditionalGenerator(nn.Module):
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.generator(z)
+
+
+def fold_parametrizations(model: nn.Module) -> nn.Module:
+    """Bake every parametrisation (spectral norm) into plain weights, in eval mode, in place.
+
+    In place on a model of its own: a deepcopy would share the parametrised classes torch creates,
+    and removing the parametrisation from the copy would break the original.
+    """
+    plain = model.eval()
+    for module in list(plain.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return plain
+
+
+def _inputs(cfg, n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    z = make_noise(n, cfg.z_dim, seed=seed)
+    labels = make_labels(n, cfg.num_classes, None)
+    return (z,) if labels is None else (z, labels)
+
+
+def _export_onnx(module: nn.Module, example: tuple, out: Path) -> None:
+    names = ["z", "y"][: len(example)]
+    axes = {name: {0: "batch"} for name in names} | {"images": {0: "batch"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        options = dict(input_names=names, output_names=["images"], dynamic_axes=axes, opset_version=OPSET)
+        try:  # the TorchScript-based exporter: dynamic batch through dynamic_axes, no onnxscript needed
+            torch.onnx.export(module, example, str(out), dynamo=False, **options)
+        except TypeError:  # torch < 2.5 has no `dynamo` argument (and only that exporter)
+            torch.onnx.export(module, example, str(out), **options)
+
+
+def _run_onnx(path: Path, inputs: tuple) -> torch.Tensor:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("checking an ONNX export needs onnxruntime: pip install 'sagan-cli[export]'") from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+    return torch.from_numpy(session.run(None, feed)[0])
+
+
+def _export_torchscript(module: nn.Module, example: tuple, out: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, example, check_trace=False)
+        torch.jit.save(traced, str(out))
+
+
+def _run_torchscript(path: Path, inputs: tuple) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = torch.jit.load(str(path), map_location="cpu")
+        with torch.no_grad():
+            return loaded(*inputs)
+
+
+def export_generator(ckpt: str | Path, fmt: str = "onnx", out: str | Path | None = None, *,
+                     check_samples: int = 5, seed: int = 0) -> tuple[Path, float]:
+    """Export the generator of `ckpt`; return the file and the largest |difference| to the original model."""
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if check_samples <= 0:
+        raise UserError(f"--check must be a positive number of images, got {check_samples}")
+    if fmt == "onnx":
+        try:
+            import onnx  # noqa: F401  (torch's exporter needs it)
+        except ImportError:
+            raise UserError("ONNX export needs the onnx package: pip install 'sagan-cli[export]'") from None
+    ckpt = Path(ckpt)
+    out = Path(out) if out is not None else ckpt.with_suffix(SUFFIX[fmt])
+    check_writable(out, "--out")
+    generator, info = load_model(ckpt, expect="generator", device="cpu")
+    cfg = info.config
+    plain = fold_parametrizations(load_model(ckpt, expect="generator", device="cpu")[0])
+    wrapper = (ConditionalGenerator if cfg.num_classes else UnconditionalGenerator)(plain).eval()
+    example = _inputs(cfg, 2, seed=seed + 1)  # traced at batch 2, checked at another batch size
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        (_export_onnx if fmt == "onnx" else _export_torchscript)(wrapper, example, tmp)
+        check = _inputs(cfg, check_samples, seed=seed)
+        with torch.no_grad():
+            expected = generator(*check)  # the original, spectral norm still parametrised
+        got = (_run_onnx if fmt == "onnx" else _run_torchscript)(tmp, check)
+        if got.shape != expected.shape:
+            raise RuntimeError(f"the exported model gave shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+        difference = float((got - expected).abs().max())
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out, difference

@@ -1,0 +1,204 @@
+"""`sagan import-port` against an independent functional re-implementation of the port's forward pass.
+
+The reference below is written from the port's published facts (key names, shapes, maths), not from
+its code: SpectralNorm does one power iteration from the stored u on weight_bar.view(rows, -1) and
+divides by sigma = u.(W v); BatchNorm in eval mode; Self_Attn y = x + gamma * v softmax(q^T k)^T.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sagan_cli.checkpoint import load_model, read_info
+from sagan_cli.sample import make_noise
+
+Z_DIM, CONV_DIM = 16, 16
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / (x.norm() + 1e-12)
+
+
+def _sn(state: dict, prefix: str, fan_in_shape: tuple[int, ...], gen: torch.Generator) -> None:
+    w = torch.randn(fan_in_shape, generator=gen) * 0.1
+    state[f"{prefix}.module.weight_bar"] = w
+    state[f"{prefix}.module.weight_u"] = _unit(torch.randn(w.shape[0], generator=gen))
+    state[f"{prefix}.module.weight_v"] = _unit(torch.randn(w[0].numel(), generator=gen))
+    bias_len = w.shape[1] if prefix.startswith("l") and "G" in state["__kind"] else w.shape[0]
+    state[f"{prefix}.module.bias"] = torch.randn(bias_len, generator=gen) * 0.1
+
+
+def _attn(state: dict, prefix: str, c: int, gen: torch.Generator) -> None:
+    for name, cout in (("query_conv", c // 8), ("key_conv", c // 8), ("value_conv", c)):
+        state[f"{prefix}.{name}.weight"] = torch.randn(cout, c, 1, 1, generator=gen) * 0.3
+        state[f"{prefix}.{name}.bias"] = torch.randn(cout, generator=gen) * 0.1
+    state[f"{prefix}.gamma"] = torch.tensor([0.7])  # non-zero, so attention shapes the output
+
+
+def port_generator_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights in the port's Generator layout, imsize 64: widths 8c, 4c, 2c, c."""
+    gen = torch.Generator().manual_seed(seed)
+    state: dict = {"__kind": "G"}
+    widths = [Z_DIM, 8 * CONV_DIM, 4 * CONV_DIM, 2 * CONV_DIM, CONV_DIM]
+    for i in range(4):
+        _sn(state, f"l{i + 1}.0", (widths[i], widths[i + 1], 4, 4), gen)  # ConvTranspose2d: [in, out, k, k]
+        c = widths[i + 1]
+        state[f"l{i + 1}.1.weight"] = 1 + 0.2 * torch.randn(c, generator=gen)
+        state[f"l{i + 1}.1.bias"] = 0.1 * torch.randn(c, generator=gen)
+        state[f"l{i + 1}.1.running_mean"] = 0.2 * torch.randn(c, generator=gen)
+        state[f"l{i + 1}.1.running_var"] = 0.5 + torch.rand(c, generator=gen)
+        state[f"l{i + 1}.1.num_batches_tracked"] = torch.tensor(100)
+    state["last.0.weight"] = torch.randn(CONV_DIM, 3, 4, 4, generator=gen) * 0.1
+    state["last.0.bias"] = torch.randn(3, generator=gen) * 0.1
+    _attn(state, "attn1", 2 * CONV_DIM, gen)
+    _attn(state, "attn2", CONV_DIM, gen)
+    del state["__kind"]
+    return state
+
+
+def port_discriminator_state(seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    state: dict = {"__kind": "D"}
+    widths = [3, CONV_DIM, 2 * CONV_DIM, 4 * CONV_DIM, 8 * CONV_DIM]
+    for i in range(4):
+        _sn(state, f"l{i + 1}.0", (widths[i + 1], widths[i], 4, 4), gen)  # Conv2d: [out, in, k, k]
+    state["last.0.weight"] = torch.randn(1, 8 * CONV_DIM, 4, 4, generator=gen) * 0.1
+    state["last.0.bias"] = torch.randn(1, generator=gen) * 0.1
+    _attn(state, "attn1", 4 * CONV_DIM, gen)
+    _attn(state, "attn2", 8 * CONV_DIM, gen)
+    del state["__kind"]
+    return state
+
+
+# ---- the reference forward pass (port semantics, eval mode, first forward after loading) ----
+
+def ref_sn_weight(state: dict, prefix: str) -> torch.Tensor:
+    w = state[f"{prefix}.module.weight_bar"]
+    mat = w.view(w.shape[0], -1)  # dim 0 even for transposed convs
+    v = _unit(mat.t().mv(state[f"{prefix}.module.weight_u"]))
+    u = _unit(mat.mv(v))
+    return w / u.dot(mat.mv(v))
+
+
+def ref_bn(state: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    shape = (1, -1, 1, 1)
+    mean, var = state[f"{prefix}.running_mean"].view(shape), state[f"{prefix}.running_var"].view(shape)
+    return (x - mean) / torch.sqrt(var + 1e-5) * state[f"{prefix}.weight"].view(shape) + state[f"{prefix}.bias"].view(shape)
+
+
+def ref_attention(state: dict, prefix: str, x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+
+    def conv(name):
+        return F.conv2d(x, state[f"{prefix}.{name}.weight"], state[f"{prefix}.{name}.bias"]).view(b, -1, h * w)
+
+    energy = torch.bmm(conv("query_conv").permute(0, 2, 1), conv("key_conv"))  # [B, N, N]
+    attention = torch.softmax(energy, dim=-1)
+    out = torch.bmm(conv("value_conv"), attention.permute(0, 2, 1)).view(b, c, h, w)
+    return state[f"{prefix}.gamma"] * out + x
+
+
+def ref_generator(state: dict, z: torch.Tensor) -> torch.Tensor:
+    x = z.view(z.shape[0], z.shape[1], 1, 1)
+    for i in range(4):
+        p = f"l{i + 1}"
+        stride, pad = (1, 0) if i == 0 else (2, 1)
+        x = F.conv_transpose2d(x, ref_sn_weight(state, f"{p}.0"), state[f"{p}.0.module.bias"], stride, pad)
+        x = torch.relu(ref_bn(state, f"{p}.1", x))
+        if i == 2:
+            x = ref_attention(state, "attn1", x)
+        if i == 3:
+            x = ref_attention(state, "attn2", x)
+    return torch.tanh(F.conv_transpose2d(x, state["last.0.weight"], state["last.0.bias"], 2, 1))
+
+
+def ref_discriminator(state: dict, x: torch.Tensor) -> torch.Tensor:
+    for i in range(4):
+        p = f"l{i + 1}.0"
+        x = F.leaky_relu(F.conv2d(x, ref_sn_weight(state, p), state[f"{p}.module.bias"], 2, 1), 0.1)
+        if i == 2:
+            x = ref_attention(state, "attn1", x)
+        if i == 3:
+            x = ref_attention(state, "attn2", x)
+    return F.conv2d(x, state["last.0.weight"], state["last.0.bias"]).squeeze()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sagan_cli", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("port")
+    g_state, d_state = port_generator_state(), port_discriminator_state()
+    torch.save(g_state, root / "G.pth")
+    torch.save(d_state, root / "D.pth")
+    done = _cli("import-port", "--g", str(root / "G.pth"), "--d", str(root / "D.pth"), "--out", str(root / "out"))
+    assert done.returncode == 0, done.stderr
+    return {"root": root, "g_state": g_state, "d_state": d_state, "out": root / "out"}
+
+
+def test_generator_gives_the_ports_images(imported: dict):
+    g, info = load_model(imported["out"] / "g.safetensors", expect="generator")
+    cfg = info.config
+    assert (cfg.arch, cfg.resolution, cfg.z_dim, cfg.g_ch, cfg.g_attention, cfg.sn_last_layer) == \
+        ("dcgan", 64, Z_DIM, CONV_DIM, [16, 32], False)
+    z = make_noise(8, Z_DIM, seed=3)
+    with torch.no_grad():
+        ours, theirs = g(z), ref_generator(imported["g_state"], z)
+    assert ours.shape == theirs.shape == (8, 3, 64, 64)
+    diff = (ours - theirs).abs().max().item()
+    print(f"import-port G max abs pixel difference: {diff:.3g}")
+    assert diff < 1e-5
+    assert theirs.std() > 0.05  # the images are not flat: the comparison means something
+    # attention matters: zeroing gamma in the reference moves the pixels far more than our error
+    no_attn = {**imported["g_state"], "attn1.gamma": torch.zeros(1), "attn2.gamma": torch.zeros(1)}
+    with torch.no_grad():
+        assert (ref_generator(no_attn, z) - theirs).abs().max() > 1000 * max(diff, 1e-7)
+
+
+def test_discriminator_gives_the_ports_scores(imported: dict):
+    d, info = load_model(imported["out"] / "d.safetensors", expect="discriminator")
+    assert (info.config.d_ch, info.config.d_attention) == (CONV_DIM, [8, 4])
+    x = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        ours, theirs = d(x), ref_discriminator(imported["d_state"], x)
+    diff = (ours - theirs).abs().max().item()
+    print(f"import-port D max abs difference: {diff:.3g} (scores of size {theirs.abs().max():.3g})")
+    assert ours.shape == theirs.shape == (6,)
+    assert diff < 1e-5 * max(1.0, theirs.abs().max().item())
+
+
+def test_the_import_samples_and_keeps_a_recipe(imported: dict):
+    """`sagan sample` reads the import (same pixels as the reference, after uint8 rounding) and config.json is a recipe."""
+    from sagan_cli.config import recipe_from_json
+    from sagan_cli.sample import to_uint8
+
+    out = imported["out"]
+    assert recipe_from_json(out / "config.json").model.g_attention == [16, 32]
+    assert read_info(out / "g.safetensors").recipe == "import-port"
+    import numpy as np
+
+    from sagan_cli.sample import sample_images
+
+    sample_images(out / "g.safetensors", 4, out / "s", seed=2, fmt="npz", device="cpu")  # what `sagan sample` runs
+
+    images = torch.from_numpy(np.load(out / "s" / "samples.npz")["images"]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = to_uint8(ref_generator(imported["g_state"], make_noise(4, Z_DIM, seed=2)))
+    assert (images.int() - expected.int()).abs().max() <= 1  # a pixel may round the other way
+
+
+def test_dataparallel_prefix_and_generator_only(imported: dict, tmp_path: Path):
+    state = {f"module.{k}": v for k, v in imported["g_state"].items()}
+    torch.save(state, tmp_path / "G.pth")
+    from sagan_cli.port import import_port
+
+    import_port(tmp_path / "G.pth", None, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "g.safetensors"]
