@@ -207,14 +207,14 @@ class UInt8Images(Dataset):
 class _Reference(Dataset):
     """The reference images, built only when torch-fidelity misses its cache and asks for them."""
 
-    def __init__(self, data: DataConfig, resolution: int, count: int):
-        self.data, self.resolution, self.count = data, resolution, count
+    def __init__(self, data: DataConfig, resolution: int, count: int, num_classes: int = 0):
+        self.data, self.resolution, self.count, self.num_classes = data, resolution, count, num_classes
         self._images: UInt8Images | None = None
 
     @property
     def images(self) -> UInt8Images:
         if self._images is None:
-            full = build_dataset(self.data, self.resolution)
+            full = build_dataset(self.data, self.resolution, self.num_classes)
             order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))  # a fixed random subset: a prefix could be one class
             self._images = UInt8Images(full, sorted(order[: self.count].tolist()))
         return self._images
@@ -226,13 +226,21 @@ class _Reference(Dataset):
         return self.images[i]
 
 
-def _reference(data: DataConfig, resolution: int, count: int, weights: InceptionWeights) -> tuple[_Reference, str, int, str]:
+def reference_classes(data: DataConfig, num_classes: int) -> int:
+    """The class count the reference images are built with: it changes the pixels of the synthetic
+    data only (class k has disc hue k/K), and a folder or LMDB is the same images either way."""
+    return num_classes if data.kind == "synthetic" else 0
+
+
+def _reference(data: DataConfig, resolution: int, count: int, weights: InceptionWeights,
+               num_classes: int = 0) -> tuple[_Reference, str, int, str]:
     """(lazy reference, torch-fidelity cache name, image count, dataset identity)."""
     data = replace(data, hflip=False)
-    identity = dataset_identity(data, resolution)
-    key = hashlib.sha256(f"{identity}|{resolution}|{count}|{FEATURE_EXTRACTOR}|{weights.sha256}".encode())
+    classes = reference_classes(data, num_classes)
+    identity = dataset_identity(data, resolution, classes)
+    key = hashlib.sha256(f"{identity}|{resolution}|{classes}|{count}|{FEATURE_EXTRACTOR}|{weights.sha256}".encode())
     name = f"sagan-ref-{key.hexdigest()[:20]}"
-    reference = _Reference(data, resolution, count)
+    reference = _Reference(data, resolution, count, classes)
     note = cache_root() / f"{name}.json"  # the image count, so a cache hit needs no dataset at all
     try:
         actual = int(json.loads(note.read_text())["num_images"])
@@ -271,17 +279,20 @@ def _fidelity(input1: Any, n: int, reference: _Reference | None, ref_count: int,
 def evaluate(source: nn.Module | UInt8Images, data: DataConfig, resolution: int, *, metrics: str | list[str],
              num_samples: int | None = None, reference_count: int | None = None,
              inception_weights: str | Path | None = None, device: str | torch.device | None = None,
-             batch_size: int = 64, seed: int = 0, verbose: bool = False) -> EvalResult:
+             batch_size: int = 64, seed: int = 0, verbose: bool = False, num_classes: int | None = None) -> EvalResult:
     """Score a generator (drawn straight into torch-fidelity) or a set of uint8 images against `data`.
 
     The one code path behind `sagan eval` and evaluation during training. `reference_count`
     defaults to the number of evaluated images (balanced sets suit KID and precision/recall).
+    `num_classes` is the model's class count (a generator's own config wins): the synthetic
+    reference images depend on it.
     """
     chosen = parse_metrics(metrics, data)
     inception = [m for m in chosen if m in INCEPTION_METRICS]
     weights = find_inception_weights(inception_weights) if inception else None  # fail before any work
     is_generator = isinstance(source, nn.Module)
     if is_generator:
+        num_classes = source.config.num_classes
         n = num_samples if num_samples is not None else 10000
         dev = torch.device(device) if device is not None else next(source.parameters()).device
     else:
@@ -300,7 +311,7 @@ def evaluate(source: nn.Module | UInt8Images, data: DataConfig, resolution: int,
             if weights is not None:
                 wrapped = GenerativeModelModuleWrapper(sampler, source.config.z_dim, "normal", 0, make_eval=True)
                 values = _score(wrapped, n, data, resolution, reference_count, inception, weights, dev,
-                                batch_size, seed, verbose, protocol)
+                                batch_size, seed, verbose, protocol, num_classes or 0)
             else:
                 source.eval()
                 _draw(sampler, n, batch_size, seed)
@@ -311,7 +322,7 @@ def evaluate(source: nn.Module | UInt8Images, data: DataConfig, resolution: int,
         images = UInt8Images(source.source, source.indices[:n])
         if weights is not None:
             values = _score(images, n, data, resolution, reference_count, inception, weights, dev,
-                            batch_size, seed, verbose, protocol)
+                            batch_size, seed, verbose, protocol, num_classes or 0)
         kept = images.stack() if "structure" in chosen else None
     if kept is not None:
         scores = score_images(kept, blobs_per_side=data.synthetic_blobs_per_side)
@@ -322,11 +333,11 @@ def evaluate(source: nn.Module | UInt8Images, data: DataConfig, resolution: int,
 
 def _score(input1: Any, n: int, data: DataConfig, resolution: int, reference_count: int | None,
            inception: list[str], weights: InceptionWeights, dev: torch.device, batch_size: int,
-           seed: int, verbose: bool, protocol: dict[str, Any]) -> dict[str, float]:
+           seed: int, verbose: bool, protocol: dict[str, Any], num_classes: int = 0) -> dict[str, float]:
     """The Inception metrics; records what defines them (reference, weights, settings) in `protocol`."""
     reference, name, ref_count, identity = None, None, 0, None
     if any(m in inception for m in ("fid", "kid", "prc")):
-        reference, name, ref_count, identity = _reference(data, resolution, reference_count or n, weights)
+        reference, name, ref_count, identity = _reference(data, resolution, reference_count or n, weights, num_classes)
     cuda = dev.type == "cuda"
     with torch.cuda.device(dev) if cuda else nullcontext():  # torch-fidelity's .cuda() means the current device
         values, settings = _fidelity(input1, n, reference, ref_count, name, inception, weights, cuda,
@@ -334,6 +345,7 @@ def _score(input1: Any, n: int, data: DataConfig, resolution: int, reference_cou
     protocol.update({
         "num_reference": ref_count if reference is not None else None,
         "dataset": identity,
+        "reference_num_classes": reference_classes(data, num_classes) if reference is not None else None,
         "reference_cache": str(cache_root() / name) if name else None,
         "feature_extractor": FEATURE_EXTRACTOR,
         "feature_extractor_input_size": 299,
@@ -381,14 +393,16 @@ def load_samples(path: Path) -> tuple[UInt8Images, int]:
     return UInt8Images(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()), int(images.shape[1])
 
 
-def resolve_data(path: Path) -> DataConfig:
-    """--data: a recipe (its [data] table), a run's config.json, or a folder of images."""
+def resolve_data(path: Path) -> tuple[DataConfig, int]:
+    """--data: a recipe (its [data] table and model.num_classes), a run's config.json, or a folder of images."""
     if path.is_dir():
-        return DataConfig(kind="folder", path=str(path))
+        return DataConfig(kind="folder", path=str(path)), 0
     if path.is_file() and path.suffix.lower() == ".toml":
-        return load_recipe(path).data
+        recipe = load_recipe(path)
+        return recipe.data, recipe.model.num_classes
     if path.is_file() and path.suffix.lower() == ".json":
-        return recipe_from_json(path).data
+        recipe = recipe_from_json(path)
+        return recipe.data, recipe.model.num_classes
     raise UserError(f"--data {path}: give a recipe (.toml), a run's config.json, or a folder of images")
 
 
@@ -398,7 +412,7 @@ def eval_command(*, ckpt: Path | None, samples: Path | None, data: Path, num_sam
     """`sagan eval`: check the inputs, evaluate, print a table, write --json."""
     if (ckpt is None) == (samples is None):
         raise UserError("give exactly one of --ckpt G.safetensors or --samples DIR_OR_NPZ")
-    data_config = resolve_data(data)
+    data_config, data_classes = resolve_data(data)
     if json_path is not None:
         check_writable(json_path, "--json")  # now, not after minutes of evaluation
     chosen = parse_metrics(metrics, data_config)
@@ -412,7 +426,7 @@ def eval_command(*, ckpt: Path | None, samples: Path | None, data: Path, num_sam
         source, resolution = load_samples(samples)
     result = evaluate(source, data_config, resolution, metrics=chosen, num_samples=num_samples,
                       reference_count=reference_count, inception_weights=inception_weights, device=dev,
-                      batch_size=batch_size, seed=seed, verbose=verbose)
+                      batch_size=batch_size, seed=seed, verbose=verbose, num_classes=data_classes)
     result.protocol["source"] = str(ckpt or samples)
     if ckpt is not None:
         result.protocol["checkpoint_step"] = info.step
