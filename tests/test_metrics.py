@@ -174,7 +174,7 @@ def test_self_fid_is_zero_and_reference_statistics_are_cached(tmp_path, weights,
     assert sagan(monkeypatch, capsys, "eval", "--samples", tmp_path / "samples.npz", *common, "--json", first)[0] == 0
     assert abs(json.loads(first.read_text())["metrics"]["fid"]) < 1e-3  # the npz holds the reference's own pixels
     cache = tmp_path / "cache" / "fidelity"
-    assert len(list(cache.glob("sagan-ref-*-stat-fid-2048.pt"))) == 1
+    assert len(list(cache.glob("sagan-ref-inception-v3-compat-*.safetensors"))) == 1
 
     for path in real.glob("*.png"):  # garbage of the same size and mtime: same identity, unreadable pixels
         st = path.stat()
@@ -314,5 +314,5 @@ def test_conditional_synthetic_reference_has_the_class_colours(tmp_path, weights
                                      inception_weights=weights, batch_size=6)
     grey = evaluate_generator(Generator(ModelConfig(**TINY)), replace(recipe3, model=ModelConfig(**TINY)),
                               num_samples=6, metrics=["fid"], inception_weights=weights, batch_size=6)
-    assert len(list((tmp_path / "cache" / "fidelity").glob("sagan-ref-*.json"))) == 2  # one entry per class count
+    assert len(list((tmp_path / "cache" / "fidelity").glob("sagan-ref-*.safetensors"))) == 2  # one entry per class count
     assert conditional["fid"] != grey["fid"]
