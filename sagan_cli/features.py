@@ -39,10 +39,11 @@ from torch_fidelity.utils import (
 )
 
 from sagan_cli.checkpoint import atomic_write
-from sagan_cli.classifier import load_classifier, to_classifier_input
+from sagan_cli.classifier import ClassifierInfo, load_classifier, to_classifier_input
 from sagan_cli.errors import UserError
 
 CLASSIFIER_EXTRACTOR = "sagan-classifier"
+CLASSIFIER_LAYERS = {"fid": "features", "kid": "features", "prc": "features"}
 # torch-fidelity's result keys -> ours (flat, as metrics.jsonl logs them); a space's prefix goes in front
 NAMES = {
     KEY_METRIC_FID: "fid",
@@ -116,6 +117,40 @@ class FeatureSpace:
         register()
         return create_feature_extractor(self.extractor, sorted(set(layers)), cuda=cuda, verbose=verbose,
                                         feature_extractor_weights_path=str(self.weights_path))
+
+
+def classifier_space(path: str | Path | None) -> tuple[FeatureSpace, ClassifierInfo]:
+    """The classifier file as a feature space (loaded and hash-checked now: a bad file fails first)."""
+    if path in (None, ""):
+        raise UserError("classifier_* metrics and gan_test need a classifier: pass --classifier FILE "
+                        "(or set eval.classifier); train one with `sagan classifier train RECIPE`")
+    path = Path(path).expanduser().absolute()
+    _, info = load_classifier(path)
+    c = info.config
+    details = {"feature_extractor": CLASSIFIER_EXTRACTOR, "path": str(path), "weights_sha256": info.weights_sha256,
+               "dataset": info.dataset, "test_accuracy": info.test_accuracy, "test_images": info.test_images,
+               "num_classes": c.num_classes, "channels": c.channels, "input_size": c.resolution,
+               "feature_dim": c.feature_dim, "feature_layers": {"fid": "features", "kid": "features",
+                                                                 "prc": "features", "gan_test": "logits"}}
+    return FeatureSpace(CLASSIFIER_EXTRACTOR, path, info.weights_sha256, CLASSIFIER_LAYERS, "classifier_", details), info
+
+
+def check_classifier(info: ClassifierInfo, *, resolution: int, channels: int | None, num_classes: int,
+                     gan_test: bool, labelled: bool) -> None:
+    """Refuse a classifier that was not trained on images like these (its numbers would mean nothing)."""
+    c, name = info.config, info.path
+    if c.resolution != resolution:
+        raise UserError(f"classifier {name} was trained on {c.resolution}x{c.resolution} images, these are "
+                        f"{resolution}x{resolution}: train one with model.resolution = {resolution}")
+    if channels is not None and c.channels != channels:
+        raise UserError(f"classifier {name} reads {c.channels}-channel images, this generator makes {channels}-channel "
+                        "ones: train the classifier on the generator's data")
+    if gan_test and not labelled:
+        raise UserError("gan_test needs intended classes: a class-conditional generator (model.num_classes > 0) "
+                        "or the .npz `sagan sample --format npz` writes for one; drop gan_test for this one")
+    if gan_test and num_classes != c.num_classes:
+        raise UserError(f"classifier {name} knows {c.num_classes} classes, the samples have {num_classes}: "
+                        "gan_test needs a classifier trained on the generator's classes")
 
 
 def extract(source: Dataset | GenerativeModelBase, extractor: FeatureExtractorBase, *, num_samples: int,

@@ -33,14 +33,15 @@ from torch_fidelity.generative_model_modulewrapper import GenerativeModelModuleW
 from torch_fidelity.noise import random_normal
 
 from sagan_cli import __version__
-from sagan_cli.classifier import ClassifierInfo, load_classifier
+from sagan_cli.classifier import ClassifierInfo
 from sagan_cli.config import DataConfig, Recipe
 from sagan_cli.data import build_dataset, dataset_identity
 from sagan_cli.errors import UserError
 from sagan_cli.features import (
-    CLASSIFIER_EXTRACTOR,
     FeatureSpace,
     check_cache_writable,
+    check_classifier,
+    classifier_space,
     extract,
     fidelity_metrics,
     reference_features,
@@ -56,7 +57,6 @@ INCEPTION_METRICS = ("fid", "isc", "kid", "prc")
 CLASSIFIER_METRICS = ("classifier_fid", "classifier_kid", "classifier_prc", "gan_test")
 ALL_METRICS = (*INCEPTION_METRICS, *CLASSIFIER_METRICS, "structure")
 INCEPTION_LAYERS = {"isc": "logits_unbiased", "fid": "2048", "kid": "2048", "prc": "2048"}
-CLASSIFIER_LAYERS = {"fid": "features", "kid": "features", "prc": "features"}
 KID_SUBSETS = 100
 PRC_NEIGHBORHOOD = 3
 MIN_SAMPLES = PRC_NEIGHBORHOOD + 2  # precision/recall needs more points than neighbours
@@ -146,40 +146,6 @@ def parse_metrics(metrics: str | list[str] | tuple[str, ...], data: DataConfig) 
 
 def inception_space(weights: InceptionWeights) -> FeatureSpace:
     return FeatureSpace(FEATURE_EXTRACTOR, weights.path, weights.sha256, INCEPTION_LAYERS)
-
-
-def classifier_space(path: str | Path | None) -> tuple[FeatureSpace, ClassifierInfo]:
-    """The classifier file as a feature space (loaded and hash-checked now: a bad file fails first)."""
-    if path in (None, ""):
-        raise UserError("classifier_* metrics and gan_test need a classifier: pass --classifier FILE "
-                        "(or set eval.classifier); train one with `sagan classifier train RECIPE`")
-    path = Path(path).expanduser().absolute()
-    _, info = load_classifier(path)
-    c = info.config
-    details = {"feature_extractor": CLASSIFIER_EXTRACTOR, "path": str(path), "weights_sha256": info.weights_sha256,
-               "dataset": info.dataset, "test_accuracy": info.test_accuracy, "test_images": info.test_images,
-               "num_classes": c.num_classes, "channels": c.channels, "input_size": c.resolution,
-               "feature_dim": c.feature_dim, "feature_layers": {"fid": "features", "kid": "features",
-                                                                 "prc": "features", "gan_test": "logits"}}
-    return FeatureSpace(CLASSIFIER_EXTRACTOR, path, info.weights_sha256, CLASSIFIER_LAYERS, "classifier_", details), info
-
-
-def check_classifier(info: ClassifierInfo, *, resolution: int, channels: int | None, num_classes: int,
-                     gan_test: bool, labelled: bool) -> None:
-    """Refuse a classifier that was not trained on images like these (its numbers would mean nothing)."""
-    c, name = info.config, info.path
-    if c.resolution != resolution:
-        raise UserError(f"classifier {name} was trained on {c.resolution}x{c.resolution} images, these are "
-                        f"{resolution}x{resolution}: train one with model.resolution = {resolution}")
-    if channels is not None and c.channels != channels:
-        raise UserError(f"classifier {name} reads {c.channels}-channel images, this generator makes {channels}-channel "
-                        "ones: train the classifier on the generator's data")
-    if gan_test and not labelled:
-        raise UserError("gan_test needs intended classes: a class-conditional generator (model.num_classes > 0) "
-                        "or the .npz `sagan sample --format npz` writes for one; drop gan_test for this one")
-    if gan_test and num_classes != c.num_classes:
-        raise UserError(f"classifier {name} knows {c.num_classes} classes, the samples have {num_classes}: "
-                        "gan_test needs a classifier trained on the generator's classes")
 
 
 def check_evaluation(recipe: Recipe) -> None:
