@@ -164,8 +164,15 @@ def eval_(
         int | None, typer.Option("-n", "--num", help="Images to score. \\[default: 10000 for --ckpt, all for --samples]")
     ] = None,
     metrics: Annotated[
-        str, typer.Option("--metrics", help="Any of fid,isc,kid,prc,structure (structure: synthetic data, no weights).")
-    ] = "fid,isc,kid",
+        str | None, typer.Option("--metrics", help="Any of fid,isc,kid,prc (Inception), classifier_fid,classifier_kid,"
+                                 "classifier_prc,gan_test (--classifier), structure (synthetic data, no weights). "
+                                 "\\[default: fid,isc,kid; with --classifier: classifier_fid,classifier_kid"
+                                 "(,gan_test if the samples have classes)]")
+    ] = None,
+    classifier: Annotated[
+        Path | None, typer.Option("--classifier", help="A `sagan classifier train` file: the feature space of "
+                                  "classifier_* metrics and gan_test (no Inception needed).")
+    ] = None,
     inception_weights: Annotated[
         Path | None, typer.Option("--inception-weights", help="torch-fidelity's Inception weights file. "
                                      "\\[default: $SAGAN_INCEPTION_WEIGHTS, else $TORCH_HOME/hub/checkpoints/]")
@@ -179,12 +186,48 @@ def eval_(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write values and protocol to this file.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No torch-fidelity progress on stderr.")] = False,
 ) -> None:
-    """Score a generator or saved samples against a dataset: FID, IS, KID, precision/recall (torch-fidelity)."""
-    from sagan_cli.metrics import eval_command
+    """Score a generator or saved samples against a dataset: FID, IS, KID, precision/recall, GAN-test (torch-fidelity)."""
+    from sagan_cli.eval_command import eval_command
 
-    eval_command(ckpt=ckpt, samples=samples, data=data, num_samples=n, metrics=metrics,
+    eval_command(ckpt=ckpt, samples=samples, data=data, num_samples=n, metrics=metrics, classifier=classifier,
                  inception_weights=inception_weights, reference_count=reference, batch_size=batch_size,
                  device=device, seed=seed, json_path=json_path, verbose=not quiet)
+
+
+# --- classifier (issue 12) ---
+
+classifier_app = typer.Typer(help="Train a small classifier on labelled data: an offline feature space for `sagan eval`.",
+                             no_args_is_help=True)
+app.add_typer(classifier_app, name="classifier")
+
+
+@classifier_app.command(
+    "train",
+    epilog="Example: sagan classifier train recipes/fashion-mnist.toml --out classifiers/fashion-mnist.safetensors",
+)
+def classifier_train(
+    recipe: Annotated[Path, typer.Argument(help="TOML recipe: its [data] and model.resolution, model.num_classes.",
+                                           show_default=False)],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file. \\[default: classifiers/RECIPE_NAME.safetensors]")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe key: table.key=value (repeatable).")
+    ] = None,
+    test_overrides: Annotated[
+        list[str] | None, typer.Option("--test-set", help="The test images: the recipe's data with this data.key=value "
+                                       "(repeatable). \\[default: hold out 10% of the data, at most 10000 images]")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training images.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per step.")] = 128,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate (decays to 0 on a cosine).")] = 2e-3,
+    width: Annotated[int, typer.Option("--width", help="Channels of the first conv (features: 4 x width).")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds weights, data order and the held-out split.")] = 0,
+    device: DeviceOption = None,
+) -> None:
+    """Train a classifier on a recipe's labelled data; saves weights, test accuracy and a hash (safetensors)."""
+    from sagan_cli.classifier import train_from_recipe
+
+    train_from_recipe(recipe, out=out, overrides=overrides or [], test_overrides=test_overrides or [],
+                             epochs=epochs, batch_size=batch_size, lr=lr, width=width, seed=seed, device=device)
 
 # --- info (issue 6) ---
 

@@ -113,8 +113,9 @@ class TrainConfig:
 class EvalConfig:
     every: int = 0  # steps between evaluations during training (0: never)
     num_samples: int = 5000  # generated images per evaluation
-    metrics: list[str] = field(default_factory=lambda: ["fid"])  # any of fid, isc, kid, prc, structure
+    metrics: list[str] = field(default_factory=lambda: ["fid"])  # fid, isc, kid, prc (Inception); classifier_fid, classifier_kid, classifier_prc, gan_test (eval.classifier); structure
     inception_weights: str = ""  # path to torch-fidelity's Inception weights (offline use)
+    classifier: str = ""  # a `sagan classifier train` file: the feature space of classifier_* and gan_test
     batch_size: int = 64  # generator batch size while evaluating
 
 
@@ -140,7 +141,8 @@ CHOICES = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.loss": ("hinge", "nonsaturating", "wgan-gp"),
 }
-METRICS = ("fid", "isc", "kid", "prc", "structure")  # structure: synthetic data only, no weights
+METRICS = ("fid", "isc", "kid", "prc", "classifier_fid", "classifier_kid", "classifier_prc", "gan_test",
+           "structure")  # classifier_* and gan_test: eval.classifier; structure: synthetic data only, no weights
 
 
 def _check_type(key: str, value: Any, hint: Any) -> Any:
@@ -239,6 +241,11 @@ def validate(recipe: Recipe) -> Recipe:
     _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
     for metric in e.metrics:
         _require(metric in METRICS, "eval.metrics", f"entries must be among {', '.join(METRICS)}, got {metric!r}")
+    needs_classifier = [m for m in e.metrics if m.startswith("classifier_") or m == "gan_test"]
+    _require(bool(e.classifier) or not needs_classifier, "eval.classifier",
+             f"must be set for eval.metrics {', '.join(needs_classifier)} (train one with `sagan classifier train`)")
+    _require("gan_test" not in e.metrics or recipe.model.num_classes > 0, "eval.metrics",
+             "has gan_test, which needs a class-conditional model (model.num_classes > 0)")
     return recipe
 
 

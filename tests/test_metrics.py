@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 from sagan_cli.checkpoint import save_model
 from sagan_cli.cli import main
 from sagan_cli.config import DataConfig, ModelConfig, Recipe
-from sagan_cli.data import SyntheticBlobs
+from sagan_cli.data import SyntheticBlobs, dataset_identity
 from sagan_cli.metrics import evaluate_generator
 from sagan_cli.models import Discriminator, Generator
 
@@ -173,7 +174,7 @@ def test_self_fid_is_zero_and_reference_statistics_are_cached(tmp_path, weights,
     assert sagan(monkeypatch, capsys, "eval", "--samples", tmp_path / "samples.npz", *common, "--json", first)[0] == 0
     assert abs(json.loads(first.read_text())["metrics"]["fid"]) < 1e-3  # the npz holds the reference's own pixels
     cache = tmp_path / "cache" / "fidelity"
-    assert len(list(cache.glob("sagan-ref-*-stat-fid-2048.pt"))) == 1
+    assert len(list(cache.glob("sagan-ref-inception-v3-compat-*.safetensors"))) == 1
 
     for path in real.glob("*.png"):  # garbage of the same size and mtime: same identity, unreadable pixels
         st = path.stat()
@@ -287,3 +288,31 @@ def test_evaluate_generator_conditional_with_inception(weights):
                                 inception_weights=weights, batch_size=4)
     assert values["kid_mean"] > 0 and values["kid_std"] >= 0
     assert "structure_valid_fraction" in values  # synthetic data: scored on the same samples
+
+
+@pytest.mark.slow
+def test_conditional_synthetic_reference_has_the_class_colours(tmp_path, weights, monkeypatch, capsys):
+    """Issue 11.6: a conditional model's reference is the coloured class discs, not the grey ones."""
+    real = SyntheticBlobs(6, 32, num_classes=3)  # the whole reference set: the same 6 coloured images
+    images = np.stack([(real[i][0].permute(1, 2, 0).numpy() * 127.5 + 127.5).round() for i in range(6)]).astype(np.uint8)
+    np.savez(tmp_path / "samples.npz", images=images)
+    recipe = tmp_path / "conditional.toml"
+    recipe.write_text('[data]\nkind = "synthetic"\nsynthetic_size = 6\n'
+                      '[model]\nresolution = 32\nnum_classes = 3\ng_attention = [16]\nd_attention = [8]\n')
+    out = tmp_path / "eval.json"
+    code, _, err = sagan(monkeypatch, capsys, "eval", "--samples", tmp_path / "samples.npz", "--data", recipe,
+                         "--metrics", "fid", "--inception-weights", weights, "--json", out, "-q")
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert abs(report["metrics"]["fid"]) < 1e-3  # against grey discs it is far from 0
+    assert report["protocol"]["dataset"] == dataset_identity(DataConfig(kind="synthetic", synthetic_size=6), 32, 3)
+    assert report["protocol"]["reference_num_classes"] == 3
+
+    torch.manual_seed(0)  # a generator: its own class count picks the reference (and the cache entry)
+    recipe3 = Recipe(data=DataConfig(kind="synthetic", synthetic_size=6), model=ModelConfig(**TINY, num_classes=3))
+    conditional = evaluate_generator(Generator(recipe3.model), recipe3, num_samples=6, metrics=["fid"],
+                                     inception_weights=weights, batch_size=6)
+    grey = evaluate_generator(Generator(ModelConfig(**TINY)), replace(recipe3, model=ModelConfig(**TINY)),
+                              num_samples=6, metrics=["fid"], inception_weights=weights, batch_size=6)
+    assert len(list((tmp_path / "cache" / "fidelity").glob("sagan-ref-*.safetensors"))) == 2  # one entry per class count
+    assert conditional["fid"] != grey["fid"]
