@@ -34,6 +34,16 @@ def _attention(sizes: list[int], widths: dict[int, int], cfg: ModelConfig, use_s
     )
 
 
+def _stages(blocks: nn.ModuleList, sizes: list[int], attention: nn.ModuleDict) -> list[tuple[nn.Module, nn.Module | None]]:
+    """(block, the attention after it or None), in order: where attention sits is data, fixed at build time.
+
+    A plain list (the modules stay registered under `blocks` and `attention`, so checkpoints keep their
+    keys); a block past the last size (the resnet D's extra 4x4 block) gets none.
+    """
+    after = [attention[str(size)] if str(size) in attention else None for size in sizes]
+    return list(zip(blocks, after + [None] * (len(blocks) - len(after)), strict=True))
+
+
 def _check_labels(y: torch.Tensor | None, num_classes: int) -> None:
     if num_classes and y is None:
         raise ValueError(f"this model is class-conditional ({num_classes} classes): pass labels y")
@@ -65,6 +75,7 @@ class Generator(nn.Module):
         self.stem_channels = widths[4]
         self.blocks = nn.ModuleList(blocks)
         self.attention = _attention(cfg.g_attention, widths, cfg, use_sn)
+        self.stages = _stages(self.blocks, sizes, self.attention)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         _check_labels(y, self.config.num_classes)
@@ -72,10 +83,10 @@ class Generator(nn.Module):
             h = z.view(z.shape[0], -1, 1, 1)
         else:
             h = self.stem(z).view(z.shape[0], self.stem_channels, 4, 4)
-        for block in self.blocks:
+        for block, attention in self.stages:
             h = block(h, y)
-            if str(int(h.shape[-1])) in self.attention:
-                h = self.attention[str(int(h.shape[-1]))](h)
+            if attention is not None:
+                h = attention(h)
         if self.final_bn is not None:
             h = F.relu(self.final_bn(h))
         return torch.tanh(self.to_rgb(h))
@@ -104,18 +115,17 @@ class Discriminator(nn.Module):
             self.head = sn(nn.Linear(widths[4], 1), last_sn, cfg.init)
         self.blocks = nn.ModuleList(blocks)
         self.attention = _attention(cfg.d_attention, widths, cfg, use_sn)
+        self.stages = _stages(self.blocks, sizes, self.attention)
         # projection discriminator (Miyato & Koyama 2018): + <embed(y), phi(x)>
         self.embed = sn(nn.Embedding(cfg.num_classes, widths[4]), use_sn, cfg.init) if cfg.num_classes else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         _check_labels(y, self.config.num_classes)
         h = x
-        for i, block in enumerate(self.blocks):
+        for block, attention in self.stages:
             h = block(h)
-            size = str(int(h.shape[-1]))
-            # the resnet D's extra 4x4 block must not run the 4x4 attention twice
-            if size in self.attention and not (i == len(self.blocks) - 1 and self.config.arch == "resnet"):
-                h = self.attention[size](h)
+            if attention is not None:
+                h = attention(h)
         if self.config.arch == "dcgan":
             out = self.head(h).flatten(1).sum(1)
             features = h.sum(dim=(2, 3))

@@ -8,8 +8,8 @@
 Nothing in a phase waits for the device: the finiteness of each update is a device tensor handed to the
 optimizer as `found_inf` (the fused/foreach Adam kernels then skip the update on the device), and the
 losses come back as device tensors that the loop reads only when it logs. Each phase is a plain function
-of tensors, so it can be timed, skipped or compiled on its own (two frames, one per `requires_grad` state
-of D's weights: pytorch issue 139476 is about sharing one).
+of tensors, so it can be timed, skipped or compiled on its own (D's loss and G's loss are separate
+compiled frames, one per `requires_grad` state of D's weights: pytorch issue 139476 is about sharing one).
 """
 
 from __future__ import annotations
@@ -79,7 +79,10 @@ class Phases:
         self.reduce_flag = reduce_flag or (lambda flag: flag)  # multi-process: the max over every rank
         self.pending_fake: torch.Tensor | None = None
         self.pending_labels: torch.Tensor | None = None
-        # torch.compile each phase's forward and loss (two frames); backward and the fused Adam stay eager
+        # torch.compile G's forward, D's loss and G's loss as separate frames (a graph that produced both
+        # the fakes and D's loss would be freed by D's backward before the G phase needs it); the
+        # backward passes run the compiled backward graphs, and the fused Adam steps stay eager.
+        self.fakes = torch.compile(self._fakes) if compile else self._fakes
         self.d_forward = torch.compile(self._d_forward) if compile else self._d_forward
         self.g_forward = torch.compile(self._g_forward) if compile else self._g_forward
 
@@ -100,15 +103,17 @@ class Phases:
             scaler.update()
         return bad
 
-    def _d_forward(self, real: torch.Tensor, labels: torch.Tensor | None, z: torch.Tensor,
-                   fake_labels: torch.Tensor | None, keep_fakes: bool):
-        with torch.set_grad_enabled(keep_fakes), self.autocast():
-            fake = self.generator(z, fake_labels)
+    def _fakes(self, z: torch.Tensor, fake_labels: torch.Tensor | None) -> torch.Tensor:
         with self.autocast():
-            both = torch.cat([real, fake.detach().to(real.dtype)]).contiguous(memory_format=self.memory_format)
+            return self.generator(z, fake_labels)
+
+    def _d_forward(self, real: torch.Tensor, labels: torch.Tensor | None, fake: torch.Tensor,
+                   fake_labels: torch.Tensor | None):
+        with self.autocast():
+            both = torch.cat([real, fake.to(real.dtype)]).contiguous(memory_format=self.memory_format)
             both_labels = None if labels is None else torch.cat([labels, fake_labels])
             d_real, d_fake = self.discriminator(both, both_labels).float().split(real.shape[0])
-            return d_loss(self.loss, d_real, d_fake), d_real, d_fake, fake
+            return d_loss(self.loss, d_real, d_fake), d_real, d_fake
 
     def _g_forward(self, fake: torch.Tensor, fake_labels: torch.Tensor | None) -> torch.Tensor:
         with self.autocast():
@@ -118,7 +123,9 @@ class Phases:
                 fake_labels: torch.Tensor | None, *, keep_fakes: bool = False) -> DStats:
         """One D update on a real batch and fakes from `z`; `keep_fakes` keeps G's graph for the G phase."""
         self.raw_d.train().requires_grad_(True)
-        loss, d_real, d_fake, fake = self.d_forward(real, labels, z, fake_labels, keep_fakes)
+        with torch.set_grad_enabled(keep_fakes):
+            fake = self.fakes(z, fake_labels)
+        loss, d_real, d_fake = self.d_forward(real, labels, fake.detach(), fake_labels)
         if keep_fakes:
             self.pending_fake, self.pending_labels = fake, fake_labels
         if self.loss == "wgan-gp":  # twice differentiated: eager, outside any compiled frame
@@ -136,8 +143,7 @@ class Phases:
             fake, fake_labels = self.pending_fake, self.pending_labels
             self.pending_fake = self.pending_labels = None
         else:
-            with self.autocast():
-                fake = self.generator(z, fake_labels)
+            fake = self.fakes(z, fake_labels)
         loss = self.g_forward(fake, fake_labels)
         bad = self._update(self.opt_g, loss, self.scalers["g"])
         return GStats(loss.detach(), bad)

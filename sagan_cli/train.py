@@ -475,8 +475,9 @@ def _evaluate(recipe: Recipe, nets: Nets, run_dir: Path, progress: Progress, log
                                     device=device, batch_size=recipe.eval.batch_size, seed=recipe.train.seed)
     log.write({"step": progress.step, "eval": scores},
               f"step {progress.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
-    if "fid" in scores and scores["fid"] < progress.best_fid:
-        progress.best_fid = scores["fid"]
+    fid = scores.get("fid", scores.get("classifier_fid"))  # Inception FID, else the classifier's
+    if fid is not None and fid < progress.best_fid:
+        progress.best_fid = fid
         save_model(run_dir / "g_best.safetensors", sampler, step=progress.step, recipe=recipe.name,
                    ema=nets.ema is not None)
 
@@ -498,11 +499,9 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _check_eval(recipe: Recipe) -> None:
-    from sagan_cli.metrics import INCEPTION_METRICS, find_inception_weights, parse_metrics
+    from sagan_cli.metrics import check_evaluation
 
-    chosen = parse_metrics(recipe.eval.metrics, recipe.data)
-    if any(m in INCEPTION_METRICS for m in chosen):
-        find_inception_weights(recipe.eval.inception_weights or None)
+    check_evaluation(recipe)
 
 
 class _StopOnCtrlC:
