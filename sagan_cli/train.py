@@ -175,7 +175,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
     accelerator.wait_for_everyone()  # every rank has checked before rank 0 writes config.json
     console = console or Console()
     main = accelerator.is_main_process
-    dataset: Dataset = build_dataset(recipe.data, m.resolution, m.num_classes)  # a bad data.path fails here
+    dataset: Dataset = build_dataset(recipe.data, m.resolution, m.num_classes, m.channels)  # a bad data.path fails here
     if main:
         print_recipe(recipe, run_dir, console)
         try:
