@@ -39,7 +39,8 @@ from sagan_cli.checkpoint import load_model, write_output
 from sagan_cli.config import DataConfig, Recipe, load_recipe, recipe_from_json
 from sagan_cli.data import build_dataset, dataset_identity, open_image
 from sagan_cli.errors import UserError, check_writable
-from sagan_cli.sample import resolve_device, to_rgb_uint8 as to_uint8  # Inception takes 3 channels
+from sagan_cli.sample import resolve_device
+from sagan_cli.sample import to_rgb_uint8 as to_uint8  # Inception takes 3 channels, also from a grayscale model
 from sagan_cli.structure import score_images
 
 FEATURE_EXTRACTOR = "inception-v3-compat"  # also for precision/recall: torch-fidelity's default there is VGG16 (a download)
