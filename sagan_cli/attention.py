@@ -160,6 +160,8 @@ def draw_figure(image: torch.Tensor, points: Sequence[Point], maps: list[LayerAt
     """One row per layer: the image with all query points, then each point's attention heat map."""
     resolution = image.shape[-1]
     rgb = image.permute(1, 2, 0).numpy()
+    shown = dict(cmap="gray", vmin=0, vmax=255) if rgb.shape[2] == 1 else {}  # a grayscale model's image
+    rgb = rgb[..., 0] if rgb.shape[2] == 1 else rgb
     colours = colormaps["tab10"]
     nrows, ncols = len(maps), len(points) + 1
     fig = Figure(figsize=(ncols * PANEL_INCHES, nrows * PANEL_INCHES), dpi=DPI, layout="constrained")
@@ -167,12 +169,12 @@ def draw_figure(image: torch.Tensor, points: Sequence[Point], maps: list[LayerAt
     extent = (-0.5, resolution - 0.5, resolution - 0.5, -0.5)
     for r, m in enumerate(maps):
         heat = m.heat(resolution).numpy()
-        axes[r, 0].imshow(rgb, extent=extent)
+        axes[r, 0].imshow(rgb, extent=extent, **shown)
         axes[r, 0].set_ylabel(f"{m.name}\ngamma={m.gamma:.3f}", fontsize=8)
         for p, point in enumerate(points):
             axes[r, 0].plot(*point, "o", color=colours(p % 10), markersize=5, markeredgecolor="white")
             ax = axes[r, p + 1]
-            ax.imshow(rgb, extent=extent)
+            ax.imshow(rgb, extent=extent, **shown)
             ax.imshow(heat[p], cmap="inferno", alpha=0.6, extent=extent, interpolation="nearest")
             ax.plot(*point, "o", color=colours(p % 10), markersize=5, markeredgecolor="white")
             if r == 0:
@@ -227,7 +229,7 @@ def attention_map(
         if kind == "generator":
             picture = generate(model, 1, seed=seed, classes=class_, batch_size=1)[0][0]
         else:
-            x = image_to_tensor(open_image(image), resolution)[None].to(dev)
+            x = image_to_tensor(open_image(image), resolution, cfg.channels)[None].to(dev)
             with torch.inference_mode():
                 model(x, None if labels is None else labels.to(dev))
             picture = to_uint8(x[0].cpu())

@@ -22,12 +22,16 @@ else:  # pragma: no cover - Python 3.10
 from sagan_cli.errors import UserError
 
 RESOLUTIONS = (32, 64, 128, 256)
+CHANNELS = (1, 3)  # grayscale or RGB
+# Channel counts fixed by the data; folder and LSUN images are converted to whatever model.channels says.
+DATA_CHANNELS = {"idx": 1, "cifar10-bin": 3, "synthetic": 3}
 
 
 @dataclass
 class DataConfig:
-    kind: str = "synthetic"  # folder | lsun | synthetic
-    path: str = ""  # folder of images (class sub-folders give labels) or an LSUN *_lmdb directory
+    kind: str = "synthetic"  # folder | lsun | synthetic | idx (MNIST-family files) | cifar10-bin (CIFAR-10 binary)
+    path: str = ""  # folder of images (class sub-folders give labels), an LSUN *_lmdb directory, or the IDX/CIFAR files' folder
+    split: str = "train"  # idx, cifar10-bin: train (train-*, data_batch_*) | test (t10k-*, test_batch.bin)
     hflip: bool = False  # random horizontal flips of real images
     workers: int = 0  # DataLoader worker processes (0: load in the training process)
     max_images: int = 0  # use at most this many images of the dataset (0: all)
@@ -43,6 +47,7 @@ class ModelConfig:
     arch: str = "dcgan"  # dcgan (popular port, transposed convs) | resnet (the paper's ImageNet model)
     resolution: int = 64  # output size: 32, 64, 128 or 256
     num_classes: int = 0  # > 0: conditional BatchNorm in G and a projection discriminator
+    channels: int = 3  # image channels, 1 (grayscale) or 3; a recipe that leaves it out takes the data's (1 for idx)
     z_dim: int = 128  # noise dimension
     g_ch: int = 64  # generator width multiplier
     d_ch: int = 64  # discriminator width multiplier
@@ -134,7 +139,8 @@ class Recipe:
 TABLES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
 
 CHOICES = {
-    "data.kind": ("folder", "lsun", "synthetic"),
+    "data.kind": ("folder", "lsun", "synthetic", "idx", "cifar10-bin"),
+    "data.split": ("train", "test"),
     "model.arch": ("dcgan", "resnet"),
     "model.attention": ("seed", "paper"),
     "model.init": ("orthogonal", "normal", "xavier", "default"),
@@ -196,6 +202,7 @@ def validate_model(m: ModelConfig) -> None:
             _require(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
     _require(m.resolution in RESOLUTIONS, "model.resolution", f"must be one of {RESOLUTIONS}, got {m.resolution}")
     _require(m.num_classes >= 0, "model.num_classes", "must be >= 0")
+    _require(m.channels in CHANNELS, "model.channels", f"must be 1 (grayscale) or 3 (RGB), got {m.channels}")
     for key in ("z_dim", "g_ch", "d_ch"):
         _require(getattr(m, key) > 0, f"model.{key}", "must be > 0")
     for key in ("g_ch", "d_ch"):
@@ -220,7 +227,12 @@ def validate(recipe: Recipe) -> Recipe:
         _require(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
     d, t, e = recipe.data, recipe.train, recipe.eval
     _require(d.kind == "synthetic" or bool(d.path), "data.path",
-             f"must be set for data.kind = {d.kind!r} (a folder of images or an LSUN *_lmdb directory)")
+             f"must be set for data.kind = {d.kind!r} (a folder of images, an LSUN *_lmdb directory, "
+             "or the folder of the IDX or CIFAR-10 binary files)")
+    fixed = DATA_CHANNELS.get(d.kind)
+    _require(fixed is None or recipe.model.channels == fixed, "model.channels",
+             f"is {recipe.model.channels} but data.kind = {d.kind!r} has {fixed}-channel images: "
+             f"set model.channels = {fixed} or leave it out")
     _require(d.workers >= 0, "data.workers", "must be >= 0")
     _require(d.max_images >= 0, "data.max_images", "must be >= 0 (0 means all)")
     _require(d.synthetic_size > 0, "data.synthetic_size", "must be > 0")
@@ -267,6 +279,8 @@ def recipe_from_dict(raw: dict[str, Any], name: str = "recipe") -> Recipe:
         if table not in TABLES:
             raise UserError(f"unknown recipe table [{table}] (known tables: {', '.join(TABLES)})")
     parts = {table: _build(cls, raw.get(table, {}), table) for table, cls in TABLES.items()}
+    if "channels" not in raw.get("model", {}):  # resolved here, so config.json and checkpoints state it
+        parts["model"].channels = DATA_CHANNELS.get(parts["data"].kind, 3)
     return validate(Recipe(name=name, **parts))
 
 

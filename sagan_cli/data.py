@@ -1,7 +1,9 @@
-"""Datasets (folder, LSUN LMDB, synthetic) and the image transform every command shares.
+"""Datasets (folder, LSUN LMDB, synthetic; IDX and CIFAR-10 binary through `formats`) and the image
+transform every command shares.
 
-Every dataset yields `(image, label)`: float32 [3, R, R] in [-1, 1] and an int (0 when
-unconditional). Datasets do no random augmentation: the training loop flips images with its own
+Every dataset yields `(image, label)`: float32 [C, R, R] in [-1, 1] and an int (0 when
+unconditional); C is 3, or 1 for grayscale data (IDX files, or folder/LSUN images read with
+`channels = 1`). Datasets do no random augmentation: the training loop flips images with its own
 RNG, so a resumed run sees exactly the same batches.
 
 Unreadable images (a corrupt file, a bad LMDB value) are found lazily, because decoding a million
@@ -28,7 +30,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from sagan_cli.config import DataConfig
+from sagan_cli import formats
+from sagan_cli.config import DATA_CHANNELS, DataConfig
 from sagan_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,12 +58,17 @@ def open_image(path: str | Path) -> Image.Image:
         raise UserError(f"cannot read image {path}: {exc}") from None
 
 
-def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the short side to `resolution`, center-crop to a square, scale to [-1, 1]: [3, R, R]."""
-    t = TF.pil_to_tensor(img.convert("RGB"))
-    t = TF.resize(t, resolution, antialias=True)
-    t = TF.center_crop(t, [resolution, resolution])
-    return t.float().div(127.5).sub(1.0)
+def to_model_input(image: torch.Tensor, resolution: int) -> torch.Tensor:
+    """uint8 [C, H, W] -> resize the short side to `resolution` (antialiased), center-crop, scale to [-1, 1]."""
+    if min(image.shape[-2:]) != resolution:
+        image = TF.resize(image, resolution, antialias=True)
+    image = TF.center_crop(image, [resolution, resolution])
+    return image.float().div(127.5).sub(1.0)
+
+
+def image_to_tensor(img: Image.Image, resolution: int, channels: int = 3) -> torch.Tensor:
+    """A Pillow image as the model sees it: [channels, R, R] in [-1, 1] (1 channel: Pillow's luma)."""
+    return to_model_input(TF.pil_to_tensor(img.convert("L" if channels == 1 else "RGB")), resolution)
 
 
 def _subset(count: int, max_images: int) -> np.ndarray:
@@ -73,8 +81,8 @@ def _subset(count: int, max_images: int) -> np.ndarray:
 class _LazyImages(Dataset):
     """Decodes on demand; a bad item is replaced by the next readable one (see the module doc)."""
 
-    def __init__(self, resolution: int, labels: np.ndarray, class_names: list[str], source: str):
-        self.resolution = resolution
+    def __init__(self, resolution: int, labels: np.ndarray, class_names: list[str], source: str, channels: int):
+        self.resolution, self.channels = resolution, channels
         self.labels = labels
         self.class_names = class_names
         self.source = source
@@ -103,7 +111,7 @@ class _LazyImages(Dataset):
             if self._bad[j]:
                 continue
             try:
-                image = image_to_tensor(self._load(j), self.resolution)
+                image = image_to_tensor(self._load(j), self.resolution, self.channels)
             except DECODE_ERRORS as exc:
                 self._bad[j] = True
                 log.warning("skipping unreadable image %s: %s", self._name(j), str(exc).splitlines()[0])
@@ -134,7 +142,7 @@ def _folder_root(data: DataConfig) -> Path:
 class FolderImages(_LazyImages):
     """Every image under a folder, recursively; with classes, label = sorted sub-folder index."""
 
-    def __init__(self, data: DataConfig, resolution: int, num_classes: int = 0):
+    def __init__(self, data: DataConfig, resolution: int, num_classes: int = 0, channels: int = 3):
         self.root = _folder_root(data)
         class_names: list[str] = []
         if num_classes > 0:
@@ -156,7 +164,7 @@ class FolderImages(_LazyImages):
             labels = [0] * len(files)
         keep = _subset(len(files), data.max_images)
         self.files = [files[i] for i in keep]
-        super().__init__(resolution, np.asarray(labels, dtype=np.int64)[keep], class_names, str(self.root))
+        super().__init__(resolution, np.asarray(labels, dtype=np.int64)[keep], class_names, str(self.root), channels)
 
     def _load(self, index: int) -> Image.Image:
         return open_image(self.files[index])
@@ -212,12 +220,12 @@ def _lmdb_keys(root: Path) -> tuple[bytes, np.ndarray]:
 class LSUNImages(_LazyImages):
     """An LSUN category as distributed: one LMDB, keys = image ids, values = encoded images."""
 
-    def __init__(self, data: DataConfig, resolution: int):
+    def __init__(self, data: DataConfig, resolution: int, channels: int = 3):
         self.root = _lsun_root(data)
         self._blob, offsets = _lmdb_keys(self.root)
         keep = _subset(len(offsets) - 1, data.max_images)
         self._starts, self._ends = offsets[keep], offsets[keep + 1]
-        super().__init__(resolution, np.zeros(len(keep), dtype=np.int64), [], str(self.root))
+        super().__init__(resolution, np.zeros(len(keep), dtype=np.int64), [], str(self.root), channels)
 
     def _key(self, index: int) -> bytes:
         return self._blob[self._starts[index]:self._ends[index]]
@@ -313,18 +321,43 @@ def _synthetic(data: DataConfig, resolution: int, num_classes: int) -> Synthetic
                           (data.synthetic_radius_min, data.synthetic_radius_max), num_classes)
 
 
-def build_dataset(data: DataConfig, resolution: int, num_classes: int = 0) -> Dataset:
-    """The dataset a recipe names; raises UserError for a missing path or no readable image."""
+def _arrays(data: DataConfig, resolution: int, num_classes: int) -> formats.ArrayImages:
+    """IDX or CIFAR-10 binary files, decoded into memory (see formats.py)."""
+    names: list[str] = []
+    if data.kind == "idx":
+        images, labels, source, _ = formats.load_idx(data.path, data.split, need_labels=num_classes > 0)
+    else:
+        images, labels, source, _, names = formats.load_cifar10(data.path, data.split)
+    formats.check_classes(labels, num_classes, source)
+    keep = _subset(len(labels), data.max_images)
+    if len(keep) < len(labels):
+        images, labels = images[keep], labels[keep]
+    return formats.ArrayImages(images, labels, resolution, to_model_input, source, names if num_classes else [])
+
+
+def build_dataset(data: DataConfig, resolution: int, num_classes: int = 0, channels: int | None = None) -> Dataset:
+    """The dataset a recipe names; raises UserError for a missing path or no readable image.
+
+    `channels` (1 or 3) is what the model takes; None: the data's own (1 for IDX, else 3). Folder and
+    LSUN images are converted; IDX, CIFAR-10 and synthetic data have a fixed count.
+    """
+    fixed = DATA_CHANNELS.get(data.kind)
+    if channels is not None and fixed is not None and channels != fixed:
+        raise UserError(f"model.channels is {channels} but data.kind = {data.kind!r} has {fixed}-channel images: "
+                        f"set model.channels = {fixed} (or leave it out to take it from the data)")
+    channels = channels or fixed or 3
     if data.kind == "folder":
-        return FolderImages(data, resolution, num_classes)
+        return FolderImages(data, resolution, num_classes, channels)
     if data.kind == "lsun":
         if num_classes > 0:
             raise UserError("an LSUN LMDB holds one category without labels: set model.num_classes = 0 "
                             "(or use data.kind = 'folder' with one sub-folder per class)")
-        return LSUNImages(data, resolution)
+        return LSUNImages(data, resolution, channels)
     if data.kind == "synthetic":
         return _synthetic(data, resolution, num_classes)
-    raise UserError(f"data.kind must be one of folder, lsun, synthetic, got {data.kind!r}")
+    if data.kind in ("idx", "cifar10-bin"):
+        return _arrays(data, resolution, num_classes)
+    raise UserError(f"data.kind must be one of folder, lsun, synthetic, idx, cifar10-bin, got {data.kind!r}")
 
 
 def dataset_identity(data: DataConfig, resolution: int, num_classes: int = 0) -> str:
@@ -342,6 +375,10 @@ def dataset_identity(data: DataConfig, resolution: int, num_classes: int = 0) ->
         root = _lsun_root(data)
         entries = _open_lmdb(root).stat()["entries"]
         h.update(f"|{root.resolve()}|{entries}|{(root / 'data.mdb').stat().st_size}".encode())
+    elif data.kind in ("idx", "cifar10-bin"):  # the files' content, wherever they are installed
+        files = (formats.find_idx(data.path, data.split) if data.kind == "idx"
+                 else formats.cifar_files(data.path, data.split))
+        h.update(f"|{data.split}|{formats.files_identity([f for f in files if f is not None])}".encode())
     else:
         d = _synthetic(data, resolution, num_classes)
         h.update(f"|{SYNTHETIC_VERSION}|{d.seed}|{d.size}|{d.blobs_per_side}|{d.radius}|{num_classes}".encode())

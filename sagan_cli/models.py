@@ -50,7 +50,8 @@ def _check_labels(y: torch.Tensor | None, num_classes: int) -> None:
 
 
 class Generator(nn.Module):
-    """z (and class labels) -> images in [-1, 1]."""
+    """z (and class labels) -> images in [-1, 1], `cfg.channels` of them (`to_rgb` keeps its name when 1:
+    checkpoints store it)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -65,13 +66,13 @@ class Generator(nn.Module):
             blocks = [DCGANUpBlock(cfg.z_dim, widths[4], k, use_sn, cfg.init, stem=True)]
             blocks += [DCGANUpBlock(widths[s // 2], widths[s], k, use_sn, cfg.init) for s in sizes[1:]]
             self.final_bn = None
-            self.to_rgb = sn(nn.ConvTranspose2d(widths[sizes[-1]], 3, 4, 2, 1), last_sn, cfg.init)
+            self.to_rgb = sn(nn.ConvTranspose2d(widths[sizes[-1]], cfg.channels, 4, 2, 1), last_sn, cfg.init)
         else:
             widths = {s: ch * min(16, res // s) for s in [4, *sizes]}
             self.stem = sn(nn.Linear(cfg.z_dim, 4 * 4 * widths[4]), use_sn, cfg.init)
             blocks = [ResUpBlock(widths[s // 2], widths[s], k, use_sn, cfg.init) for s in sizes]
             self.final_bn = ClassBatchNorm2d(widths[res], 0)
-            self.to_rgb = sn(nn.Conv2d(widths[res], 3, 3, padding=1), last_sn, cfg.init)
+            self.to_rgb = sn(nn.Conv2d(widths[res], cfg.channels, 3, padding=1), last_sn, cfg.init)
         self.stem_channels = widths[4]
         self.blocks = nn.ModuleList(blocks)
         self.attention = _attention(cfg.g_attention, widths, cfg, use_sn)
@@ -104,12 +105,12 @@ class Discriminator(nn.Module):
         sizes = cfg.d_sizes()  # res/2, ..., 4
         if cfg.arch == "dcgan":
             widths = {s: ch * min(8, res // (2 * s)) for s in sizes}
-            blocks = [DCGANDownBlock(3, widths[sizes[0]], use_sn, cfg.init)]
+            blocks = [DCGANDownBlock(cfg.channels, widths[sizes[0]], use_sn, cfg.init)]
             blocks += [DCGANDownBlock(widths[2 * s], widths[s], use_sn, cfg.init) for s in sizes[1:]]
             self.head = sn(nn.Conv2d(widths[4], 1, 4), last_sn, cfg.init)  # 4x4 -> 1x1, as in the port
         else:
             widths = {s: ch * min(16, res // (2 * s)) for s in sizes}
-            blocks = [ResDownBlock(3, widths[sizes[0]], use_sn, cfg.init, first=True)]
+            blocks = [ResDownBlock(cfg.channels, widths[sizes[0]], use_sn, cfg.init, first=True)]
             blocks += [ResDownBlock(widths[2 * s], widths[s], use_sn, cfg.init) for s in sizes[1:]]
             blocks += [ResDownBlock(widths[4], widths[4], use_sn, cfg.init, down=False)]
             self.head = sn(nn.Linear(widths[4], 1), last_sn, cfg.init)

@@ -78,10 +78,28 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.add(1).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def to_rgb_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats or uint8, [..., C, H, W] -> uint8 with 3 channels: a grayscale image is repeated.
+
+    For consumers that want RGB whatever the model draws (Inception and torch-fidelity).
+    """
+    if images.dtype != torch.uint8:
+        images = to_uint8(images)
+    if images.shape[-3] == 1:
+        images = images.expand(*images.shape[:-3], 3, *images.shape[-2:]).contiguous()
+    return images
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """uint8 [C, H, W] -> a Pillow image: mode 'L' for 1 channel, 'RGB' for 3."""
+    array = image.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+
+
 def iter_generate(
     generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None, *, batch_size: int, device: torch.device
 ) -> Iterator[torch.Tensor]:
-    """Yield uint8 CPU batches [b, 3, H, W] of G(z, labels) in eval mode, without autograd.
+    """Yield uint8 CPU batches [b, C, H, W] of G(z, labels) in eval mode, without autograd.
 
     Eval mode makes spectral norm use its stored singular vectors (no power iteration) and BatchNorm
     its running statistics, so an image does not depend on its batch-mates. The caller's train/eval
@@ -116,7 +134,7 @@ def generate(
     batch_size: int = 64,
     device: str | torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """n images from `generator` as uint8 [n, 3, H, W] on the CPU, and their labels (None if unconditional).
+    """n images from `generator` as uint8 [n, C, H, W] on the CPU, and their labels (None if unconditional).
 
     `device` defaults to the generator's own device; the generator is moved there if needed.
     """
@@ -136,9 +154,9 @@ def grid_indices(n: int) -> torch.Tensor:
 
 
 def grid_image(images: torch.Tensor) -> Image.Image:
-    """uint8 [k, 3, H, W] -> one square grid image with 2-pixel black gutters."""
+    """uint8 [k, C, H, W] -> one square grid image with 2-pixel black gutters ('L' mode when C = 1)."""
     grid = make_grid(images, nrow=math.ceil(math.sqrt(images.shape[0])), padding=2, pad_value=0)
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+    return to_pil(grid[: images.shape[1]])  # make_grid repeats one channel to three
 
 
 def _save_png(img: Image.Image, path: Path) -> None:
@@ -146,8 +164,8 @@ def _save_png(img: Image.Image, path: Path) -> None:
 
 
 def _write_pngs(batch: torch.Tensor, start: int, out_dir: Path) -> None:
-    for i, arr in enumerate(batch.permute(0, 2, 3, 1).numpy()):
-        Image.fromarray(arr).save(out_dir / f"{start + i:06d}.png", compress_level=PNG_LEVEL)
+    for i, image in enumerate(batch):
+        to_pil(image).save(out_dir / f"{start + i:06d}.png", compress_level=PNG_LEVEL)
 
 
 def _prepare_out(out_dir: Path) -> None:
@@ -188,8 +206,8 @@ def sample_images(
 ) -> Path:
     """Write n samples of a generator checkpoint into out_dir; return the folder (png) or the .npz file.
 
-    png: 000000.png, 000001.png, ... and grid.png.  npz: samples.npz holding `images` (uint8
-    [n, H, W, 3]) and `labels` (int64 [n], -1 for an unconditional model), plus grid.png.
+    png: 000000.png, 000001.png, ... ('L' mode for a grayscale model) and grid.png.  npz: samples.npz
+    holding `images` (uint8 [n, H, W, C], C = 1 or 3) and `labels` (int64 [n], -1 for an unconditional model), plus grid.png.
     """
     _check_counts(n, batch_size)
     if fmt not in FORMATS:
@@ -205,7 +223,7 @@ def sample_images(
 
     picks = grid_indices(n)
     shown: list[torch.Tensor] = []
-    everything = np.empty((n, cfg.resolution, cfg.resolution, 3), np.uint8) if fmt == "npz" else None
+    everything = np.empty((n, cfg.resolution, cfg.resolution, cfg.channels), np.uint8) if fmt == "npz" else None
     pending: deque[Future] = deque()
     pool = ThreadPoolExecutor(WRITERS) if fmt == "png" else None
     try:

@@ -264,7 +264,8 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=EVAL_TIMEOUT)] if recipe.eval.every else None)
     main, device = accelerator.is_main_process, accelerator.device
     saved = _check_run_folder(recipe, run_dir, resume, accelerator.num_processes)
-    dataset = build_dataset(recipe.data, recipe.model.resolution, recipe.model.num_classes)  # bad data.path fails here
+    dataset = build_dataset(recipe.data, recipe.model.resolution, recipe.model.num_classes,  # bad data.path fails here
+                            recipe.model.channels)
     if recipe.eval.every:
         _check_eval(recipe)  # missing Inception weights fail now, not hours into the run
     accelerator.wait_for_everyone()  # every rank has checked before rank 0 writes
