@@ -55,8 +55,9 @@ def load_samples(path: Path) -> tuple[UInt8Images, int, torch.Tensor | None]:
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path} is not an .npz with an `images` array ({str(exc)[:120]}); "
                         "write one with `sagan sample --format npz`") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
-        raise UserError(f"{path}: `images` must be uint8 N x H x W x 3 with H = W, got {images.dtype} {images.shape}")
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or images.shape[1] != images.shape[2]:
+        raise UserError(f"{path}: `images` must be uint8 N x H x W x 3 (or x 1, grayscale) with H = W, "
+                        f"got {images.dtype} {images.shape}")
     if labels is not None and (labels.shape != (len(images),) or labels.dtype.kind not in "iu" or (labels < 0).any()):
         labels = None  # -1: an unconditional generator's samples
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()

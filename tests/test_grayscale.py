@@ -154,3 +154,18 @@ def test_old_rgb_checkpoint_without_channels_still_loads_and_samples(tmp_path: P
     photo = tmp_path / "photo.png"
     Image.new("RGB", (32, 32), (0, 90, 200)).save(photo)
     assert attention_map(d_path, photo, out=tmp_path / "d.png", device="cpu")["kind"] == "discriminator"
+
+
+def test_eval_reads_grayscale_npz_samples(tmp_path):
+    """`sagan sample --format npz` of a grayscale model writes N x H x W x 1: `sagan eval --samples` takes it."""
+    import numpy as np
+
+    from sagan_cli.eval_command import load_samples
+
+    path = tmp_path / "grey.npz"
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    np.savez(path, images=images, labels=np.arange(5))
+    loaded, size, labels = load_samples(path)
+    assert size == 8 and len(loaded) == 5 and loaded[2].shape == (3, 8, 8)  # feature extractors see RGB
+    assert all(np.array_equal(loaded[2][c].numpy(), images[2, :, :, 0]) for c in range(3))
+    assert labels.tolist() == [0, 1, 2, 3, 4]
