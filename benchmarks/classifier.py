@@ -14,8 +14,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from common import load
+
 from sagan_cli.classifier import Classifier, ClassifierConfig
 
 

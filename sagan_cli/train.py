@@ -203,13 +203,13 @@ class Noise:
 
 def train_step(phases: Phases, data: Data, noise: Noise, *, d_steps: int, reuse_fakes: bool):
     """`d_steps` D phases, then one G phase. Returns the device tensors the loop logs."""
+    skipped = []
     for i in range(d_steps):
         real, labels = data.next()
-        keep = reuse_fakes and i == d_steps - 1
-        d_stats = phases.d_phase(real, labels, *noise.draw(), keep_fakes=keep)
-        bad = d_stats.bad if i == 0 else torch.maximum(bad, d_stats.bad)
+        d_stats = phases.d_phase(real, labels, *noise.draw(), keep_fakes=reuse_fakes and i == d_steps - 1)
+        skipped.append(d_stats.bad)
     g_stats = phases.g_phase(*((None, None) if reuse_fakes else noise.draw()))
-    return d_stats, g_stats, torch.maximum(bad, g_stats.bad)
+    return d_stats, g_stats, torch.stack([*skipped, g_stats.bad]).amax()  # 1.0 when any update was skipped
 
 
 class RunLog:

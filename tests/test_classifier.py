@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 from torch_fidelity.noise import random_normal
 from torch_fidelity.utils import create_feature_extractor
 
-from sagan_cli.checkpoint import save_model
 from sagan_cli.classifier import (
     Classifier,
     ClassifierConfig,

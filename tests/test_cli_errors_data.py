@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import gzip
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import IdxSet, idx_bytes, tiny_garments, write_idx
-
-from sagan_cli.cli import main
+from test_cli_errors import run_main
 
 RECIPE = """\
 [data]
@@ -35,19 +33,10 @@ ema = false
 def train(tmp_path: Path, kind: str, path: Path, classes: int, *sets: str, monkeypatch, capsys) -> tuple[int, str, str]:
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(RECIPE.format(kind=kind, path=path, classes=classes))
-    args = ["sagan", "train", str(recipe), "--out", str(tmp_path / "run")]
+    args = ["train", str(recipe), "--out", str(tmp_path / "run")]
     for s in sets:
         args += ["--set", s]
-    monkeypatch.setattr(sys, "argv", args)
-    monkeypatch.setenv("COLUMNS", "200")
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(args, capsys, monkeypatch)
 
 
 def assert_one_error_line(code: int, out: str, err: str, *names: str) -> None:

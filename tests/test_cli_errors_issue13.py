@@ -6,14 +6,13 @@ Runs the real entry point in this process (see test_cli_errors.py for the patter
 from __future__ import annotations
 
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from test_cli_errors import run_main
 
 from sagan_cli.checkpoint import save_model
-from sagan_cli.cli import main
 from sagan_cli.config import ModelConfig
 from sagan_cli.models import Discriminator, Generator
 
@@ -92,19 +91,6 @@ CASES = {
     "export_out_folder": (["export", "--ckpt", "{g}", "--format", "torchscript", "--out", "{empty_dir}"], "is a folder"),
     "export_check": (["export", "--ckpt", "{g}", "--check", "0"], "--check must be a positive"),
 }
-
-
-def run_main(args: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["sagan", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -72,5 +72,6 @@ def test_resume_on_cuda_continues_exactly(tmp_path):
     straight = run_training(tiny(tmp_path), tmp_path / "a")
     run_training(tiny(tmp_path, steps=2), tmp_path / "b")
     resumed = run_training(tiny(tmp_path), tmp_path / "b", resume=True)
-    for (name, a), (_, b) in zip(straight.generator.state_dict().items(), resumed.generator.state_dict().items()):
+    for (name, a), (_, b) in zip(straight.generator.state_dict().items(), resumed.generator.state_dict().items(),
+                                 strict=True):
         assert torch.allclose(a, b, atol=1e-4), name  # atomics in some CUDA kernels: close, not bit-exact
