@@ -41,6 +41,12 @@ class CheckpointInfo:
     version: str
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then rename into place: a crash mid-write never leaves a torn file."""
     path = Path(path)
@@ -49,6 +55,7 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from the rest of a lab
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

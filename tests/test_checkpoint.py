@@ -102,3 +102,17 @@ def test_writes_are_atomic(tmp_path, trained):
     assert load_model(path)[1].step == 1
     save_model(tmp_path / "new" / "dir" / "g.safetensors", trained[0], step=2)  # parents are created
     assert read_info(tmp_path / "new" / "dir" / "g.safetensors").step == 2
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600): the final file must be readable as any new file is."""
+    import os
+
+    from sagan_cli.checkpoint import atomic_write
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "f.txt", lambda tmp: open(tmp, "w").write("x"))
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
