@@ -2,7 +2,7 @@
 
 Two spaces: torch-fidelity's Inception (`inception-v3-compat`, the published FID/IS/KID/PR) and a
 sagan classifier (`sagan-classifier`, registered with torch-fidelity as a feature extractor).
-torch-fidelity's own cache reads its files with `torch.load(weights_only=False)` (utils.py,
+torch-fidelity's own cache reads its files with `torch.load` and full unpickling (utils.py,
 cache_lookup_*), so anything planted in a cache folder would run. So it is never asked to cache:
 features come from its extraction functions, the reference features are written here as
 safetensors under a name that holds the extractor, its weights' hash and the reference's

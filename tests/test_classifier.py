@@ -17,6 +17,7 @@ import torch
 import torch_fidelity
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_cli_errors import run_main
 from torch_fidelity.noise import random_normal
 from torch_fidelity.utils import create_feature_extractor
 
@@ -30,7 +31,6 @@ from sagan_cli.classifier import (
     train_classifier,
     weights_sha256,
 )
-from sagan_cli.cli import main
 from sagan_cli.config import DataConfig, EvalConfig, ModelConfig, Recipe
 from sagan_cli.data import SyntheticBlobs, build_dataset, dataset_identity
 from sagan_cli.features import CLASSIFIER_EXTRACTOR, register
@@ -62,14 +62,7 @@ def sagan(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """The real entry point, on the CPU (the comparisons below are exact or to 1e-6: no TF32 on a GPU)."""
     if args[0] == "eval":
         args = (*args, "--device", "cpu")
-    monkeypatch.setattr(sys, "argv", ["sagan", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main([str(a) for a in args], capsys, monkeypatch)
 
 
 def disc_images(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -22,11 +22,11 @@ import scipy.linalg
 import torch
 import torch_fidelity
 from PIL import Image
+from test_cli_errors import run_main
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from sagan_cli.checkpoint import save_model
-from sagan_cli.cli import main
 from sagan_cli.config import DataConfig, ModelConfig, Recipe
 from sagan_cli.data import SyntheticBlobs, dataset_identity
 from sagan_cli.metrics import evaluate_generator
@@ -92,14 +92,7 @@ def shapes(folder: Path, count: int, seed: int) -> Path:
 
 def sagan(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
     """Run the real entry point in-process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["sagan", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main([str(a) for a in args], capsys, monkeypatch)
 
 
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
