@@ -54,7 +54,7 @@ def load_port_state(path: str | Path, option: str) -> dict[str, torch.Tensor]:
         text = str(exc)
         if "Unsupported global" in text or "Unsupported class" in text:
             raise UserError(
-                f"{option} {path} holds pickled objects beyond tensors (it would need full unpickling, which "
+                f"{option} {path} holds pickled objects beyond tensors (it would need weights_only=False, which "
                 "can run code); sagan loads state dicts only: re-save it with torch.save(model.state_dict(), path)"
             ) from None
         detail = next((line.strip() for line in reversed(text.splitlines()) if line.strip().startswith("Unsupported")),

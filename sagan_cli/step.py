@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sagan_cli.layers import power_iterations
 from sagan_cli.losses import d_loss, g_loss, gradient_penalty
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,11 +65,13 @@ class Phases:
     and the G phase reuses them: one G forward per step instead of two.
     """
 
-    def __init__(self, *, generator: nn.Module, discriminator: nn.Module, raw_d: nn.Module,
+    def __init__(self, *, generator: nn.Module, discriminator: nn.Module, raw_g: nn.Module, raw_d: nn.Module,
                  opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, loss: str, gp_weight: float,
                  precision: str, device: torch.device, channels_last: bool, compile: bool = False,
                  reduce_flag=None):
-        self.generator, self.discriminator, self.raw_d = generator, discriminator, raw_d
+        self.generator, self.discriminator, self.raw_g, self.raw_d = generator, discriminator, raw_g, raw_d
+        # eager: each network's power iterations batched into a few kernels before its training forward
+        self.power_iterations = (lambda model: None) if compile else power_iterations
         self.opt_g, self.opt_d = opt_g, opt_d
         self.loss, self.gp_weight = loss, gp_weight
         self.device = device
@@ -104,6 +107,7 @@ class Phases:
         return bad
 
     def _fakes(self, z: torch.Tensor, fake_labels: torch.Tensor | None) -> torch.Tensor:
+        self.power_iterations(self.raw_g)
         with self.autocast():
             return self.generator(z, fake_labels)
 
@@ -123,6 +127,7 @@ class Phases:
                 fake_labels: torch.Tensor | None, *, keep_fakes: bool = False) -> DStats:
         """One D update on a real batch and fakes from `z`; `keep_fakes` keeps G's graph for the G phase."""
         self.raw_d.train().requires_grad_(True)
+        self.power_iterations(self.raw_d)
         with torch.set_grad_enabled(keep_fakes):
             fake = self.fakes(z, fake_labels)
         loss, d_real, d_fake = self.d_forward(real, labels, fake.detach(), fake_labels)

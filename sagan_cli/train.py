@@ -151,7 +151,7 @@ def make_phases(recipe: Recipe, nets: Nets, accelerator: Accelerator) -> Phases:
     def any_rank(flag: torch.Tensor) -> torch.Tensor:  # on the device: no wait
         return (accelerator.reduce(flag, reduction="sum") > 0).float()
 
-    return Phases(generator=nets.generator, discriminator=nets.discriminator, raw_d=nets.raw_d,
+    return Phases(generator=nets.generator, discriminator=nets.discriminator, raw_g=nets.raw_g, raw_d=nets.raw_d,
                   opt_g=_unwrap_optimizer(nets.opt_g), opt_d=_unwrap_optimizer(nets.opt_d), loss=train.loss,
                   gp_weight=train.gp_weight, precision=precision, device=accelerator.device,
                   channels_last=train.channels_last, compile=train.compile,

@@ -182,3 +182,30 @@ def test_orthogonal_init_gives_orthonormal_pre_sn_weights():
         assert torch.allclose(gram, torch.eye(gram.shape[0]), atol=1e-5)
     with pytest.raises(ValueError, match="init"):
         layers.init_weights(torch.nn.Conv2d(8, 8, 1), "kaiming-ish")
+
+
+def test_batched_power_iterations_equal_the_layer_by_layer_spectral_norm():
+    """`power_iterations` (a network's iterations as foreach kernels) gives the very numbers each layer's
+    own training forward gives, and torch's spectral norm agrees with both (u, v, W/sigma and its gradient)."""
+    import copy
+
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    from sagan_cli.layers import power_iterations, sn
+
+    torch.manual_seed(0)
+    makers = [lambda: torch.nn.Conv2d(8, 16, 3), lambda: torch.nn.ConvTranspose2d(16, 8, 4, 2, 1),
+              lambda: torch.nn.Linear(5, 7), lambda: torch.nn.Embedding(4, 6)]
+    ours = torch.nn.ModuleList([sn(make().double(), init="default") for make in makers])
+    theirs = torch.nn.ModuleList([spectral_norm(make().double()) for make in makers])
+    theirs.load_state_dict(ours.state_dict())
+    batched = copy.deepcopy(ours)
+    power_iterations(batched)
+    grads = [torch.randn_like(m.parametrizations.weight.original) for m in ours]  # m.weight would iterate
+    for models in (ours, batched, theirs):
+        sum((m.weight * g).sum() for m, g in zip(models, grads, strict=True)).backward()
+    for a, b, t in zip(ours, batched, theirs, strict=True):
+        pa, pb, pt = (m.parametrizations.weight for m in (a, b, t))
+        assert torch.equal(pa.original.grad, pb.original.grad) and torch.equal(pa[0]._u, pb[0]._u)
+        assert torch.allclose(pa.original.grad, pt.original.grad, atol=1e-12)
+        assert torch.allclose(pa[0]._v, pt[0]._v, atol=1e-12) and pb[0].prepared is None
