@@ -317,7 +317,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
                 worst = torch.maximum(worst, streak)
                 progress.step += 1
                 progress.batches += train.d_steps
-                window_images += train.batch_size * train.d_steps * accelerator.num_processes
+                window_images += train.batch_size * accelerator.num_processes  # images generated per step, as in 0.1.0
                 last_step = progress.step == train.steps
                 if progress.step % train.log_every == 0 or last_step:
                     _check_streak(recipe, worst, progress.step, state_root)

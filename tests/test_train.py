@@ -382,3 +382,14 @@ def test_resume_survives_a_torn_log_line_and_never_unpickles(tmp_path):
     assert result.step == 3 and not marker.exists()
     records = [json.loads(x) for x in log.read_text().splitlines()]  # every line parses again
     assert [r["step"] for r in records if "loss_d" in r] == [1, 2, 3]
+
+
+def test_two_d_steps_with_fresh_fakes_resume_exactly(tmp_path):
+    """d_steps = 2 consumes two batches per step (the data position) and reuse_fakes = false draws G's own noise."""
+    settings = {"train__d_steps": 2, "train__reuse_fakes": False}
+    straight = weights(run_training(tiny_recipe(**settings), tmp_path / "a"))
+    run_training(tiny_recipe(**settings, train__steps=2), tmp_path / "b")
+    resumed = weights(run_training(tiny_recipe(**settings), tmp_path / "b", resume=True))
+    assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
+    fresh = weights(run_training(tiny_recipe(train__d_steps=2), tmp_path / "c"))  # reuse_fakes on: another algorithm
+    assert any(not torch.equal(straight[k], fresh[k]) for k in straight if k.startswith("g."))
