@@ -320,8 +320,9 @@ def evaluate(source: nn.Module | UInt8Images, data: DataConfig, resolution: int,
             source.train(was_training)
         kept = torch.cat(sampler.kept)
     for space, wanted, _ in spaces:
-        scores, images = _score(space, wanted, source, n, labels, reference, dev, batch_size, seed, verbose,
-                                keep and kept is None, protocol)
+        scores, images = _score(space, wanted, source, n=n, labels=labels, reference=reference, device=dev,
+                                batch_size=batch_size, seed=seed, verbose=verbose, keep=keep and kept is None,
+                                protocol=protocol)
         values.update(scores)
         kept = images if kept is None else kept
     if keep and kept is None:
@@ -333,10 +334,11 @@ def evaluate(source: nn.Module | UInt8Images, data: DataConfig, resolution: int,
     return EvalResult(values, protocol)
 
 
-def _score(space: FeatureSpace, wanted: list[str], source: nn.Module | UInt8Images, n: int,
-           labels: torch.Tensor | None, reference: _Reference, dev: torch.device, batch_size: int, seed: int,
+def _score(space: FeatureSpace, wanted: list[str], source: nn.Module | UInt8Images, *, n: int,
+           labels: torch.Tensor | None, reference: _Reference, device: torch.device, batch_size: int, seed: int,
            verbose: bool, keep: bool, protocol: dict[str, Any]) -> tuple[dict[str, float], torch.Tensor | None]:
     """One feature space's metrics (and, with `keep`, the generated images); records its protocol."""
+    dev = device
     cuda = dev.type == "cuda"
     layers = [space.layers[m] for m in wanted if m in space.layers] + (["logits"] if "gan_test" in wanted else [])
     kept = None
