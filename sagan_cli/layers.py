@@ -86,22 +86,30 @@ class FP32SpectralNorm(_SpectralNorm):
             with torch.no_grad():
                 if self.n_power_iterations > 1:
                     self._power_method(matrix, self.n_power_iterations - 1)
-                # written straight into the buffers: the backward that saves them runs before the next
-                # training forward changes them (autograd's version check would refuse otherwise)
-                u = torch.mv(matrix, self._v)
-                u = torch.div(u, u.norm().clamp_min(self.eps), out=self._u)
-                v = torch.mv(matrix.t(), u)
-                sigma = v.norm()
-                v = torch.div(v, sigma.clamp_min(self.eps), out=self._v)
+                (sigma,), (u,), (v,) = _iterate([self], [matrix])
             return _DivideBySigma.apply(weight, sigma, u, v, self.dim)
+
+
+def _iterate(norms: list[FP32SpectralNorm], matrices: list[torch.Tensor]):
+    """One power iteration for several layers at once (foreach kernels): u = W v / |W v|, v = W^T u / |W^T u|,
+    both also written to the buffers, and sigma = |W^T u|. Returns (sigmas, us, vs)."""
+    eps = norms[0].eps
+    us = [torch.mv(w, n._v) for w, n in zip(matrices, norms, strict=True)]
+    torch._foreach_div_(us, torch._foreach_clamp_min(torch._foreach_norm(us), eps))
+    vs = [torch.mv(w.t(), u) for w, u in zip(matrices, us, strict=True)]
+    sigmas = torch._foreach_norm(vs)
+    torch._foreach_div_(vs, torch._foreach_clamp_min(sigmas, eps))
+    torch._foreach_copy_([n._u for n in norms], us)
+    torch._foreach_copy_([n._v for n in norms], vs)
+    return sigmas, us, vs
 
 
 @torch.no_grad()
 def power_iterations(model: nn.Module) -> None:
     """One power iteration for every spectrally normalised weight of a training-mode `model`, batched:
     the norms, divisions and buffer copies of all layers are a few foreach kernels instead of a dozen
-    operations per layer. Each layer's next training forward uses the result (then it is spent), so
-    the numbers are exactly those of `FP32SpectralNorm.forward` doing it layer by layer.
+    operations per layer. Each layer's next training forward uses the result (then it is spent); the
+    same `_iterate` serves a layer that iterates on its own, so the numbers are the same either way.
     """
     layers = [(m, m.parametrizations.weight) for m in model.modules()
               if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], FP32SpectralNorm)]
@@ -109,16 +117,9 @@ def power_iterations(model: nn.Module) -> None:
     if not layers:
         return
     norms = [p[0] for _, p in layers]
-    eps = norms[0].eps
     with torch.autocast(layers[0][1].original.device.type, enabled=False):
         matrices = [n._reshape_weight_to_matrix(p.original) for n, (_, p) in zip(norms, layers, strict=True)]
-        us = [torch.mv(w, n._v) for w, n in zip(matrices, norms, strict=True)]
-        torch._foreach_div_(us, torch._foreach_clamp_min(torch._foreach_norm(us), eps))
-        vs = [torch.mv(w.t(), u) for w, u in zip(matrices, us, strict=True)]
-        sigmas = torch._foreach_norm(vs)
-        torch._foreach_div_(vs, torch._foreach_clamp_min(sigmas, eps))
-        torch._foreach_copy_([n._u for n in norms], us)
-        torch._foreach_copy_([n._v for n in norms], vs)
+        sigmas, us, vs = _iterate(norms, matrices)
     for norm, sigma, u, v in zip(norms, sigmas, us, vs, strict=True):
         norm.prepared = (sigma, u, v)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sagan_cli.errors import UserError
@@ -117,11 +117,9 @@ def load_state(folder: Path, *, models: dict[str, torch.nn.Module], optimizers: 
         for name, model in models.items():
             prefix = f"{name}."
             model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        opt_tensors = load_file(str(folder / "optimizers.safetensors"))
-        from safetensors import safe_open
-
-        with safe_open(str(folder / "optimizers.safetensors"), framework="pt") as f:
+        with safe_open(str(folder / "optimizers.safetensors"), framework="pt") as f:  # one read: tensors + groups
             groups = json.loads(f.metadata()["param_groups"])
+            opt_tensors = {key: f.get_tensor(key) for key in f.keys()}
         for name, optimizer in optimizers.items():
             params = [p for group in optimizer.param_groups for p in group["params"]]
             state: dict[int, dict[str, torch.Tensor]] = {}

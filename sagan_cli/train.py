@@ -275,12 +275,13 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
     set_seed(train.seed)
     nets = build_nets(recipe, accelerator)
     set_seed(train.seed + accelerator.process_index)  # same initial weights, but each process its own noise
-    progress = Progress(world_size=accelerator.num_processes)
+    progress, scalers = Progress(world_size=accelerator.num_processes), {}
     if saved is not None:
-        progress = _resume(recipe, saved, nets, accelerator, run_dir, console)
+        progress, scalers = _resume(recipe, saved, nets, accelerator, run_dir, console)
     phases = make_phases(recipe, nets, accelerator)
-    if saved is not None:
-        _load_scalers(phases, saved)
+    for name, scaler in phases.scalers.items():  # fp16 loss scales
+        if scaler is not None and name in scalers:
+            scaler.load_state_dict(scalers[name])
     if train.tensorboard:
         accelerator.init_trackers("tensorboard")
     data, noise = Data(recipe, dataset, accelerator, progress.batches), Noise(recipe, device)
@@ -394,10 +395,11 @@ def _state_models(nets: Nets) -> dict[str, nn.Module]:
 
 
 def _resume(recipe: Recipe, folder: Path, nets: Nets, accelerator: Accelerator, run_dir: Path,
-            console: Console) -> Progress:
+            console: Console) -> tuple[Progress, dict[str, dict]]:
+    """Load the state in `folder`; returns its progress and the fp16 loss scalers' states."""
     load_state(folder, models=_state_models(nets), optimizers={"g": nets.opt_g, "d": nets.opt_d},
                rank=accelerator.process_index)
-    progress, _ = read_progress(folder)
+    progress, scalers = read_progress(folder)
     train = recipe.train
     for optimizer, lr in ((nets.opt_g, train.lr_g), (nets.opt_d, train.lr_d)):  # new learning rates apply
         for group in optimizer.param_groups:
@@ -405,18 +407,11 @@ def _resume(recipe: Recipe, folder: Path, nets: Nets, accelerator: Accelerator, 
     if accelerator.is_main_process:
         _truncate_log(run_dir / "metrics.jsonl", progress.step)
         console.print(f"resumed from step {progress.step}")
-    return progress
+    return progress, scalers
 
 
 def _scaler_states(phases: Phases) -> dict[str, dict]:
     return {name: scaler.state_dict() for name, scaler in phases.scalers.items() if scaler is not None}
-
-
-def _load_scalers(phases: Phases, folder: Path) -> None:
-    _, states = read_progress(folder)
-    for name, scaler in phases.scalers.items():
-        if scaler is not None and name in states:
-            scaler.load_state_dict(states[name])
 
 
 def _export(nets: Nets, recipe: Recipe, run_dir: Path, step: int) -> None:
