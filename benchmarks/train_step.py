@@ -76,23 +76,24 @@ def build(name: str, device: str, batch: int, precision: str, compiled: bool, ch
 
     from sagan_cli.config import Recipe, TrainConfig
     from sagan_cli.data import SyntheticBlobs
-    from sagan_cli.train import Noise, build_nets, make_phases
+    from sagan_cli.batches import Noise
+    from sagan_cli.nets import build_nets, make_phases
 
-    m = model_config(name)
-    t = TrainConfig(batch_size=batch, mixed_precision={"fp32": "no"}.get(precision, precision), compile=compiled,
-                    channels_last=channels_last, ema=False, reuse_fakes=reuse_fakes)  # EMA: not part of the step
-    recipe = Recipe(name="benchmark", model=m, train=t)
+    model = model_config(name)
+    train = TrainConfig(batch_size=batch, mixed_precision={"fp32": "no"}.get(precision, precision), compile=compiled,
+                        channels_last=channels_last, ema=False, reuse_fakes=reuse_fakes)  # EMA: not part of the step
+    recipe = Recipe(name="benchmark", model=model, train=train)
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(cpu=device == "cpu")
     set_seed(0)
     nets = build_nets(recipe, accelerator)
     phases = make_phases(recipe, nets, accelerator)
     # --- a fixed batch of real images instead of the DataLoader ---
-    data = SyntheticBlobs(batch, m.resolution, num_classes=m.num_classes)
+    data = SyntheticBlobs(batch, model.resolution, num_classes=model.num_classes)
     items = [data[i] for i in range(batch)]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = torch.stack([x for x, _ in items]).to(accelerator.device).contiguous(memory_format=memory_format)
-    labels = torch.tensor([y for _, y in items], device=accelerator.device) if m.num_classes else None
+    labels = torch.tensor([y for _, y in items], device=accelerator.device) if model.num_classes else None
 
     class FixedBatch:
         def next(self):

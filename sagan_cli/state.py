@@ -37,6 +37,11 @@ class Progress:
     best_fid: float = float("inf")
     world_size: int = 1  # processes that trained it: the data order and the RNG files depend on it
 
+    def advance(self, *, d_steps: int) -> None:
+        """One training step done: one G update, `d_steps` batches of real images consumed."""
+        self.step += 1
+        self.batches += d_steps
+
 
 def latest_state(root: str | Path) -> Path | None:
     """The newest complete state folder (half-written ones keep a '.tmp-' name and are ignored)."""

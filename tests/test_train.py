@@ -20,7 +20,8 @@ from sagan_cli.config import recipe_from_dict
 from sagan_cli.errors import UserError
 from sagan_cli.models import Discriminator, Generator
 from sagan_cli.state import latest_state
-from sagan_cli.train import batch_indices, run_training
+from sagan_cli.batches import batch_indices
+from sagan_cli.train import run_training
 
 TINY = {
     "data": {"kind": "synthetic", "synthetic_size": 64},

@@ -1,0 +1,142 @@
+"""What a run shows while it trains: metrics.jsonl, TensorBoard and the progress bar (`RunLog`), and the
+fixed-noise sample grids, structure scores and evaluations (`Monitor`).
+
+Only rank 0 writes; every other rank waits for it (`state.together`), so a failure on rank 0 stops all
+ranks with the same one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as ProgressBar
+
+from sagan_cli.checkpoint import atomic_write, save_model
+from sagan_cli.config import Recipe
+from sagan_cli.models import gammas
+from sagan_cli.nets import Nets
+from sagan_cli.state import Progress, together
+from sagan_cli.step import DStats, GStats
+
+GRID_SEED_OFFSET = 7919  # the fixed grid noise must not coincide with the training noise stream
+STRUCTURE_SAMPLES = 256  # synthetic data: images scored by the structure checker at each sample grid
+
+
+class RunLog:
+    """metrics.jsonl (rank 0), TensorBoard through Accelerate, the progress bar, and the img/s window."""
+
+    def __init__(self, run_dir: Path, accelerator: Accelerator, console: Console, *, total: int, start: int,
+                 tensorboard: bool):
+        self.main, self.accelerator, self.tensorboard = accelerator.is_main_process, accelerator, tensorboard
+        self.file = (run_dir / "metrics.jsonl").open("a") if self.main else None
+        self.bar = ProgressBar(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                               console=console, disable=not self.main)
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.window_start, self.window_images = time.perf_counter(), 0
+        if tensorboard:
+            accelerator.init_trackers("tensorboard")
+
+    def __enter__(self) -> RunLog:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+        if self.file is not None:
+            self.file.close()
+
+    def write(self, record: dict, say: str | None = None) -> None:
+        if self.main:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        self.say(say)
+        if self.tensorboard:
+            scalars = {key: value for key, value in record.items() if isinstance(value, float)}
+            scalars.update({f"eval/{key}": value for key, value in record.get("eval", {}).items()})
+            self.accelerator.log(scalars, step=record["step"])
+
+    def say(self, text: str | None) -> None:
+        if self.main and text:
+            self.bar.console.print(text)
+
+    def count_images(self, images: int) -> None:
+        self.window_images += images
+
+    def progress(self, step: int) -> None:
+        self.bar.update(self.task, completed=step)
+
+    def losses(self, step: int, d_stats: DStats, g_stats: GStats, nets: Nets) -> None:
+        """One log line (waits for the device): losses, D's outputs, img/s since the last line, lr, gammas."""
+        now = time.perf_counter()
+        img_per_s = self.window_images / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_images = now, 0
+        loss_d, loss_g, d_real, d_fake = torch.stack([d_stats.loss, g_stats.loss, d_stats.real, d_stats.fake]).tolist()
+        self.write({
+            "step": step, "loss_d": loss_d, "loss_g": loss_g, "d_real": d_real, "d_fake": d_fake,
+            "img_per_s": img_per_s, "lr_g": nets.opt_g.param_groups[0]["lr"], "lr_d": nets.opt_d.param_groups[0]["lr"],
+            "gamma": {**{f"g.{name}": value for name, value in gammas(nets.raw_g).items()},
+                      **{f"d.{name}": value for name, value in gammas(nets.raw_d).items()}},
+        })
+        self.bar.update(self.task, completed=step, info=f"D {loss_d:.3f}  G {loss_g:.3f}  {img_per_s:.0f} img/s")
+
+
+def grid_inputs(recipe: Recipe, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fixed noise (and evenly spread classes) of the sample grids: the same at every step."""
+    grid_rng = torch.Generator().manual_seed(recipe.train.seed + GRID_SEED_OFFSET + offset)
+    z = torch.randn(n, recipe.model.z_dim, generator=grid_rng)
+    classes = recipe.model.num_classes
+    return z, (torch.arange(n) * classes // n if classes else None)
+
+
+class Monitor:
+    """Sample grids (and structure scores on synthetic data) and evaluations of the exported generator."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, nets: Nets, log: RunLog, accelerator: Accelerator):
+        self.recipe, self.run_dir, self.nets, self.log, self.accelerator = recipe, run_dir, nets, log, accelerator
+
+    def sample_grid(self, step: int) -> None:
+        together(self.accelerator, lambda: self._sample_grid(step), main_only=True, what="write the sample grid")
+
+    def evaluate(self, progress: Progress) -> None:
+        """FID & co.; the best FID so far is kept in `progress` and its generator as g_best.safetensors."""
+        together(self.accelerator, lambda: self._evaluate(progress), main_only=True, what="evaluate")
+
+    def _sample_grid(self, step: int) -> None:
+        from sagan_cli.sample import grid_image, iter_generate
+
+        recipe, sampler, device = self.recipe, self.nets.exported_g(), self.accelerator.device
+        grid_z, grid_labels = grid_inputs(recipe, recipe.train.sample_grid)
+        grid = torch.cat(list(iter_generate(sampler, grid_z, grid_labels, batch_size=64, device=device)))
+        atomic_write(self.run_dir / "samples" / f"step-{step:07d}.png", lambda tmp: grid_image(grid).save(tmp, format="png"))
+        if recipe.data.kind == "synthetic":
+            from sagan_cli.structure import score_images
+
+            score_z, score_labels = grid_inputs(recipe, STRUCTURE_SAMPLES, offset=1)
+            images = torch.cat(list(iter_generate(sampler, score_z, score_labels, batch_size=64, device=device)))
+            scores = score_images(images, recipe.data.synthetic_blobs_per_side)
+            self.log.write({"step": step, "structure": scores},
+                           f"step {step}: valid layouts {scores['valid_fraction']:.1%}, "
+                           f"symmetry ratio {scores['symmetry_ratio']:.2f}, blobs {scores['mean_blobs']:.2f}")
+
+    def _evaluate(self, progress: Progress) -> None:
+        from sagan_cli.metrics import evaluate_generator
+
+        recipe, sampler, device = self.recipe, self.nets.exported_g(), self.accelerator.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave training's RNG alone
+            scores = evaluate_generator(sampler, recipe, num_samples=recipe.eval.num_samples,
+                                        metrics=recipe.eval.metrics, device=device,
+                                        batch_size=recipe.eval.batch_size, seed=recipe.train.seed)
+        self.log.write({"step": progress.step, "eval": scores},
+                       f"step {progress.step}: " + ", ".join(f"{key} {value:.4g}" for key, value in scores.items()))
+        fid = scores.get("fid", scores.get("classifier_fid"))  # Inception FID, else the classifier's
+        if fid is not None and fid < progress.best_fid:
+            progress.best_fid = fid
+            save_model(self.run_dir / "g_best.safetensors", sampler, step=progress.step, recipe=recipe.name,
+                       ema=self.nets.ema is not None)

@@ -1,0 +1,73 @@
+"""The run folder of DESIGN.md: what may start or resume in it, and the files that describe the run.
+
+Every check here runs before anything is written, so a refused `sagan train` leaves a folder as it was.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from accelerate import Accelerator
+from rich.console import Console
+
+from sagan_cli.checkpoint import atomic_write
+from sagan_cli.config import Recipe, print_recipe, recipe_from_json
+from sagan_cli.errors import UserError
+from sagan_cli.state import latest_state, read_progress, together
+
+RUN_FILES = ("config.json", "g.safetensors", "d.safetensors")  # a folder holding any of these is a run
+# Keys whose change would make a saved state meaningless: refused on --resume.
+FROZEN_ON_RESUME = ("train.mixed_precision", "train.ema", "train.batch_size")  # batch size: the data position
+
+
+def check_run_folder(recipe: Recipe, run_dir: Path, *, resume: bool, world_size: int) -> Path | None:
+    """The state to resume from (None for a new run); refuses what would overwrite or corrupt a run."""
+    state = latest_state(run_dir / "state")
+    if not resume:
+        if state is not None or any((run_dir / name).exists() for name in RUN_FILES):
+            raise UserError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
+        return None
+    if state is None or not (run_dir / "config.json").is_file():
+        raise UserError(f"nothing to resume in {run_dir} (no state/ checkpoint); drop --resume to start a new run")
+    saved, new = recipe_from_json(run_dir / "config.json").to_dict(), recipe.to_dict()
+    for dotted in [f"model.{key}" for key in saved["model"]] + list(FROZEN_ON_RESUME):
+        table, key = dotted.split(".")
+        if saved[table][key] != new[table][key]:
+            raise UserError(f"--resume cannot change {dotted} ({saved[table][key]!r} in the saved run, "
+                            f"{new[table][key]!r} now); start a new run with another --out")
+    progress, _ = read_progress(state)
+    if progress.world_size != world_size:
+        raise UserError(f"--resume cannot change the number of processes ({progress.world_size} in the saved run, "
+                        f"{world_size} now): the data order and each process's noise depend on it; "
+                        f"launch {progress.world_size} processes")
+    if recipe.train.steps < progress.step:
+        raise UserError(f"train.steps = {recipe.train.steps} is below the saved step {progress.step}; "
+                        "--resume only trains longer")
+    return state
+
+
+def start_run_folder(recipe: Recipe, run_dir: Path, accelerator: Accelerator, console: Console) -> None:
+    """Once every rank has passed its checks: rank 0 shows the resolved recipe and writes config.json."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        print_recipe(recipe, run_dir, console)
+    text = json.dumps(recipe.to_dict(), indent=2) + "\n"
+    together(accelerator, lambda: atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(text)),
+             main_only=True, what="write the run directory")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the resumed step (written after the last checkpoint of a crashed run), and a torn
+    last line; rewritten atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn by a crash mid-write
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
