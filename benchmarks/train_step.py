@@ -74,9 +74,9 @@ def build(name: str, device: str, batch: int, precision: str, compiled: bool, ch
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
+    from sagan_cli.batches import Noise
     from sagan_cli.config import Recipe, TrainConfig
     from sagan_cli.data import SyntheticBlobs
-    from sagan_cli.batches import Noise
     from sagan_cli.nets import build_nets, make_phases
 
     model = model_config(name)

@@ -8,12 +8,10 @@ resized and center-cropped to the model's resolution, or the generated image.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +19,10 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
 
-from sagan_cli.checkpoint import load_model, write_output
-from sagan_cli.data import image_to_tensor, open_image
-from sagan_cli.errors import UserError, check_writable
+from sagan_cli.errors import UserError
 from sagan_cli.layers import SelfAttention
-from sagan_cli.models import attention_layers
-from sagan_cli.sample import generate, make_labels, resolve_device, to_uint8
+from sagan_cli.models import Discriminator, Generator, attention_layers
+from sagan_cli.sample import generate, make_labels, to_uint8
 
 Point = tuple[int, int]
 PANEL_INCHES, DPI = 2.0, 100  # each figure panel is 200 x 200 pixels
@@ -52,22 +48,11 @@ def default_points(resolution: int) -> list[Point]:
     return [(b, b), (a, a), (c, a), (a, c), (c, c)]
 
 
-def parse_points(texts: Sequence[str], resolution: int) -> list[Point]:
-    """'x,y' strings (several per string allowed, space separated) -> pixel points inside the image."""
-    points = []
-    for text in texts:
-        for item in text.split():
-            try:
-                x, y = (int(v) for v in item.split(","))
-            except ValueError:
-                raise UserError(f"--points expects x,y pixel coordinates such as 12,30, got {item!r}") from None
-            if not (0 <= x < resolution and 0 <= y < resolution):
-                raise UserError(
-                    f"point {x},{y} is outside the {resolution}x{resolution} image the model sees;"
-                    f" use 0-{resolution - 1}"
-                )
-            points.append((x, y))
-    return points
+def check_points(points: Sequence[Point], resolution: int) -> None:
+    for x, y in points:
+        if not (0 <= x < resolution and 0 <= y < resolution):
+            raise UserError(f"point {x},{y} is outside the {resolution}x{resolution} image the model sees;"
+                            f" use 0-{resolution - 1}")
 
 
 def to_grid(point: Point, resolution: int, height: int, width: int) -> Point:
@@ -185,67 +170,52 @@ def draw_figure(image: torch.Tensor, points: Sequence[Point], maps: list[LayerAt
     return fig
 
 
-def _load(ckpt: str | Path, image: str | Path | None, dev: torch.device) -> tuple[nn.Module, str]:
-    model, info = load_model(ckpt, device=dev)
-    if info.kind == "discriminator" and image is None:
-        raise UserError(
-            "a discriminator checkpoint needs an IMAGE to look at; give one, or use a g.safetensors with --seed"
-        )
-    if info.kind == "generator" and image is not None:
-        raise UserError(
-            "IMAGE is only used with a discriminator checkpoint; drop it"
-            " (G shows its attention on an image it generates, chosen by --seed)"
-        )
-    return model, info.kind
+@dataclass
+class AttentionView:
+    """What `attention_view` saw: the image (uint8 [C, R, R]), the query pixels, and each layer's rows."""
+
+    kind: str  # "generator" (G drew the image) or "discriminator" (D looked at it)
+    image: torch.Tensor
+    points: list[Point]
+    maps: list[LayerAttention]
+
+    def summary(self) -> dict[str, dict]:
+        return summary(self.maps, self.points, self.image.shape[-1])
+
+    def figure(self) -> Figure:
+        return draw_figure(self.image, self.points, self.maps)
 
 
-def attention_map(
-    ckpt: str | Path,
-    image: str | Path | None = None,
+def attention_view(
+    model: Generator | Discriminator,
     *,
-    points: Sequence[str] | None = None,
+    image: torch.Tensor | None = None,
+    points: Sequence[Point] | None = None,
     layers: Sequence[str] | None = None,
     seed: int = 0,
     class_: int | None = None,
-    out: str | Path = "attn-map.png",
-    json_path: str | Path | None = None,
-    device: str | torch.device | None = None,
-) -> dict:
-    """Draw the attention figure to `out` (and the summary to `json_path`); return the summary.
+) -> AttentionView:
+    """Where each attention layer (`layers`: default all) looks from `points` (default: five spread pixels).
 
-    Discriminator checkpoint: attention while D looks at IMAGE. Generator checkpoint: attention
-    while G draws the image of noise `seed` (and class `class_` if conditional).
+    A discriminator looks at `image` ([C, R, R] in [-1, 1], as `data.image_to_tensor` makes it); a
+    generator draws the image of noise `seed` (and class `class_` if conditional) and shows its own.
     """
-    check_writable(Path(out), "--out")  # before any work, and before --out is replaced by a failing run
-    if json_path is not None:
-        check_writable(Path(json_path), "--json")
-    dev = resolve_device(device)
-    model, kind = _load(ckpt, image, dev)
-    cfg, resolution = model.config, model.config.resolution
+    config = model.config
+    resolution, device = config.resolution, next(model.parameters()).device
     chosen = select_layers(model, layers)
-    query = parse_points(points, resolution) if points else default_points(resolution)
-    labels = make_labels(1, cfg.num_classes, class_)
+    points = list(points) if points else default_points(resolution)
+    check_points(points, resolution)
+    labels = make_labels(1, config.num_classes, class_)
+    is_generator = isinstance(model, Generator)
+    if is_generator == (image is not None):
+        raise UserError("a discriminator needs an image to look at; a generator draws its own")
     with captured_inputs(chosen) as inputs:
-        if kind == "generator":
+        if is_generator:
             picture = generate(model, 1, seed=seed, classes=class_, batch_size=1)[0][0]
         else:
-            x = image_to_tensor(open_image(image), resolution, cfg.channels)[None].to(dev)
+            batch = image[None].to(device)
             with torch.inference_mode():
-                model(x, None if labels is None else labels.to(dev))
-            picture = to_uint8(x[0].cpu())
-    maps = layer_attention(chosen, inputs, query, resolution)
-    result = {
-        "checkpoint": str(ckpt),
-        "kind": kind,
-        "image": None if image is None else str(image),
-        "seed": seed if kind == "generator" else None,
-        "class": class_,
-        "resolution": resolution,
-        "layers": summary(maps, query, resolution),
-    }
-    fig = draw_figure(picture, query, maps)
-    write_output(Path(out), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI), "--out")
-    if json_path is not None:
-        text = json.dumps(result, indent=2) + "\n"
-        write_output(Path(json_path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), "--json")
-    return result
+                model(batch, None if labels is None else labels.to(device))
+            picture = to_uint8(batch[0].cpu())
+    maps = layer_attention(chosen, inputs, points, resolution)
+    return AttentionView("generator" if is_generator else "discriminator", picture, points, maps)

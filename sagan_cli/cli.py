@@ -95,15 +95,28 @@ def sample(
     """Generate images from a generator checkpoint: numbered PNGs (or one .npz) plus grid.png."""
     import time
 
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     from sagan_cli.sample import sample_images
 
-    t0 = time.perf_counter()
-    path = sample_images(
-        ckpt, n, out, seed=seed, classes=class_, truncation=truncation,
-        batch_size=batch_size, device=device, fmt=fmt, progress=True,
-    )
-    seconds = time.perf_counter() - t0
-    print(f"wrote {n} images to {path} ({n / seconds:.1f} images/s)")
+    started = time.perf_counter()
+    bar = Progress(TextColumn("sampling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), transient=True, disable=n <= batch_size)
+    task = bar.add_task("sampling", total=n)
+
+    def show(done: int) -> None:  # the bar appears with the first batch, after every check has passed
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=done)
+
+    try:
+        path = sample_images(ckpt, n, out, seed=seed, classes=class_, truncation=truncation, batch_size=batch_size,
+                             device=device, fmt=fmt, on_batch=show)
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+    print(f"wrote {n} images to {path} ({n / (time.perf_counter() - started):.1f} images/s)")
 
 
 # --- attn-map (issue 4) ---
@@ -131,9 +144,9 @@ def attn_map(
     device: DeviceOption = None,
 ) -> None:
     """Show where each attention layer looks from chosen pixels (paper Fig. 1). Alias: visualize-attention."""
-    from sagan_cli.attention import attention_map
+    from sagan_cli.attn_map_command import attn_map_command
 
-    attention_map(
+    attn_map_command(
         ckpt, image, points=points, layers=layers, seed=seed, class_=class_, out=out, json_path=json_path, device=device
     )
     print(f"wrote {out}" + (f" and {json_path}" if json_path else ""))

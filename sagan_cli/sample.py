@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import tempfile
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,8 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.utils import parametrize
 from torchvision.utils import make_grid
@@ -179,18 +177,6 @@ def _prepare_out(out_dir: Path) -> None:
         raise UserError(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder") from None
 
 
-def _progress(total: int, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("sampling"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        disable=not enabled,
-    )
-
-
 def sample_images(
     ckpt_path: str | Path,
     n: int,
@@ -202,12 +188,13 @@ def sample_images(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     fmt: str = "png",
-    progress: bool = False,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Path:
     """Write n samples of a generator checkpoint into out_dir; return the folder (png) or the .npz file.
 
     png: 000000.png, 000001.png, ... ('L' mode for a grayscale model) and grid.png.  npz: samples.npz
     holding `images` (uint8 [n, H, W, C], C = 1 or 3) and `labels` (int64 [n], -1 for an unconditional model), plus grid.png.
+    `on_batch(done)` is called after each batch with the number of images generated so far (a progress bar).
     """
     _check_counts(n, batch_size)
     if fmt not in FORMATS:
@@ -227,8 +214,7 @@ def sample_images(
     pending: deque[Future] = deque()
     pool = ThreadPoolExecutor(WRITERS) if fmt == "png" else None
     try:
-        with _progress(n, progress and n > batch_size) as bar, pool or nullcontext():
-            task = bar.add_task("sampling", total=n)
+        with pool or nullcontext():
             start = 0
             for batch in iter_generate(generator, z, labels, batch_size=batch_size, device=dev):
                 end = start + batch.shape[0]
@@ -240,7 +226,8 @@ def sample_images(
                     while len(pending) > 2 * WRITERS:  # bound the batches waiting in memory
                         pending.popleft().result()
                 start = end
-                bar.update(task, completed=start)
+                if on_batch is not None:
+                    on_batch(start)
             while pending:
                 pending.popleft().result()
         _save_png(grid_image(torch.cat(shown)), out_dir / "grid.png")

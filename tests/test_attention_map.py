@@ -14,16 +14,19 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sagan_cli.attention import (
-    attention_map,
+    attention_view,
     captured_inputs,
     layer_attention,
     select_layers,
     to_grid,
     to_pixel,
 )
+from sagan_cli.attn_map_command import attn_map_command
 from sagan_cli.checkpoint import save_model
 from sagan_cli.cli import app, main
 from sagan_cli.config import ModelConfig
+from sagan_cli.data import image_to_tensor, open_image
+from sagan_cli.errors import UserError
 from sagan_cli.layers import SelfAttention
 from sagan_cli.models import Discriminator, Generator
 
@@ -70,7 +73,7 @@ def block_image(tmp_path: Path) -> Path:
 @pytest.mark.parametrize(("variant", "cell", "pixel"), [("seed", [10, 4], [21, 9]), ("paper", [5, 2], [22, 10])])
 def test_argmax_lands_on_the_white_block(tmp_path, block_image, variant, cell, pixel) -> None:
     ckpt = save_model(tmp_path / "d.safetensors", predictable_discriminator(variant), step=3)
-    report = attention_map(
+    report = attn_map_command(
         ckpt, block_image, points=["0,0 31,31"], out=tmp_path / "a.png", json_path=tmp_path / "a.json", device="cpu"
     )
     assert json.loads((tmp_path / "a.json").read_text()) == json.loads(json.dumps(report))
@@ -85,6 +88,21 @@ def test_argmax_lands_on_the_white_block(tmp_path, block_image, variant, cell, p
     step = 32 // layer["key_grid"][1]
     assert cell[0] * step <= WHITE[0] and WHITE[0] + 1 < (cell[0] + 1) * step
     assert cell[1] * step <= WHITE[1] and WHITE[1] + 1 < (cell[1] + 1) * step
+
+
+def test_the_library_call_gives_what_the_command_writes(tmp_path, block_image) -> None:
+    """`attention_view` takes a model and tensors by keyword; the command only adds files and flags."""
+    model = predictable_discriminator("seed")
+    report = attn_map_command(save_model(tmp_path / "d.safetensors", model, step=3), block_image,
+                              points=["2,3"], out=tmp_path / "a.png", device="cpu")
+    pixels = image_to_tensor(open_image(block_image), 32, 3)
+    view = attention_view(model.eval(), image=pixels, points=[(2, 3)])
+    assert view.kind == "discriminator" and view.image.dtype == torch.uint8 and view.image.shape == (3, 32, 32)
+    assert json.loads(json.dumps(view.summary())) == report["layers"]
+    with pytest.raises(UserError, match="outside the 32x32"):
+        attention_view(model, image=pixels, points=[(32, 0)])
+    with pytest.raises(UserError, match="needs an image"):
+        attention_view(model, points=[(2, 3)])
 
 
 def test_rows_sum_to_one_match_the_full_matrix_and_upsample_to_pixels() -> None:

@@ -14,7 +14,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sagan_cli.attention import attention_map, draw_figure
+from sagan_cli.attention import draw_figure
+from sagan_cli.attn_map_command import attn_map_command
 from sagan_cli.checkpoint import load_model, read_info, save_model
 from sagan_cli.config import ModelConfig, recipe_from_dict, recipe_from_json
 from sagan_cli.data import build_dataset
@@ -92,12 +93,12 @@ def test_sampling_a_grayscale_model_writes_l_mode_pngs_and_npz(grey_run: Path, t
 
 def test_attention_map_of_grayscale_checkpoints(grey_run: Path, tmp_path: Path) -> None:
     run = grey_run / "run"
-    g_report = attention_map(run / "g.safetensors", seed=1, class_=2, out=tmp_path / "g.png", device="cpu")
+    g_report = attn_map_command(run / "g.safetensors", seed=1, class_=2, out=tmp_path / "g.png", device="cpu")
     assert list(g_report["layers"]) == ["attention.16"]
     assert Image.open(tmp_path / "g.png").size == (6 * 200, 200)
     photo = tmp_path / "photo.png"  # D looks at an RGB file: read as the grayscale image it was trained on
     Image.new("RGB", (40, 30), (200, 30, 30)).save(photo)
-    d_report = attention_map(run / "d.safetensors", photo, out=tmp_path / "d.png", class_=0, device="cpu")
+    d_report = attn_map_command(run / "d.safetensors", photo, out=tmp_path / "d.png", class_=0, device="cpu")
     assert d_report["kind"] == "discriminator" and list(d_report["layers"]) == ["attention.8"]
 
 
@@ -153,7 +154,7 @@ def test_old_rgb_checkpoint_without_channels_still_loads_and_samples(tmp_path: P
     assert Image.open(out / "000000.png").mode == "RGB" and Image.open(out / "grid.png").mode == "RGB"
     photo = tmp_path / "photo.png"
     Image.new("RGB", (32, 32), (0, 90, 200)).save(photo)
-    assert attention_map(d_path, photo, out=tmp_path / "d.png", device="cpu")["kind"] == "discriminator"
+    assert attn_map_command(d_path, photo, out=tmp_path / "d.png", device="cpu")["kind"] == "discriminator"
 
 
 def test_eval_reads_grayscale_npz_samples(tmp_path):

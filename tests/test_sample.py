@@ -108,6 +108,12 @@ def test_truncation_bounds_the_noise() -> None:
         make_noise(1, 8, seed=0, truncation=0.0)
 
 
+def test_on_batch_reports_the_images_done_after_each_batch(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    done: list[int] = []
+    sample_images(ckpts["g"], 5, tmp_path, batch_size=2, device="cpu", fmt="npz", on_batch=done.append)
+    assert done == [2, 4, 5]
+
+
 @pytest.mark.parametrize(("n", "side"), [(5, 3 * 34 + 2), (65, 8 * 34 + 2)])
 def test_grid_size(ckpts: dict[str, Path], tmp_path: Path, n: int, side: int) -> None:
     out = sample_images(ckpts["g"], n, tmp_path, batch_size=50, device="cpu")

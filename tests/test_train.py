@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sagan_cli.batches import batch_indices
 from sagan_cli.checkpoint import load_model, read_info
 from sagan_cli.config import recipe_from_dict
 from sagan_cli.errors import UserError
 from sagan_cli.models import Discriminator, Generator
 from sagan_cli.state import latest_state
-from sagan_cli.batches import batch_indices
 from sagan_cli.train import run_training
 
 TINY = {
