@@ -44,8 +44,9 @@ class LayerAttention:
 
 def default_points(resolution: int) -> list[Point]:
     """Five spread query points: the centre and the four quarter points."""
-    a, b, c = resolution // 4, resolution // 2, 3 * resolution // 4
-    return [(b, b), (a, a), (c, a), (a, c), (c, c)]
+    quarter, half, three_quarters = resolution // 4, resolution // 2, 3 * resolution // 4
+    return [(half, half), (quarter, quarter), (three_quarters, quarter), (quarter, three_quarters),
+            (three_quarters, three_quarters)]
 
 
 def check_points(points: Sequence[Point], resolution: int) -> None:
@@ -82,7 +83,7 @@ def captured_inputs(layers: dict[str, SelfAttention]) -> Iterator[dict[str, torc
     """Record each layer's input during a forward pass (forward pre-hooks; forward is unchanged)."""
     seen: dict[str, torch.Tensor] = {}
     handles = [
-        layer.register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args[0]))
+        layer.register_forward_pre_hook(lambda _layer, args, name=name: seen.__setitem__(name, args[0]))
         for name, layer in layers.items()
     ]
     try:
@@ -104,38 +105,39 @@ def layer_attention(
         for name in sorted(layers, key=list(inputs).index):
             layer, x = layers[name], inputs[name][:1]
             h, w = x.shape[2], x.shape[3]
-            cells = [to_grid(p, resolution, h, w) for p in points]
+            cells = [to_grid(point, resolution, h, w) for point in points]
             rows = layer.attention_weights(x, cells)[0].float().cpu()  # [P, M]
-            kh, kw = layer.key_shape(h, w)
-            result.append(LayerAttention(name, float(layer.gamma), (h, w), rows.reshape(len(points), kh, kw)))
+            key_height, key_width = layer.key_shape(h, w)
+            result.append(LayerAttention(name, float(layer.gamma), (h, w),
+                                         rows.reshape(len(points), key_height, key_width)))
     return result
 
 
 def summary(maps: list[LayerAttention], points: Sequence[Point], resolution: int) -> dict[str, dict]:
     """Per layer and point: argmax (image pixel and key cell), its weight, and the row's entropy (nats)."""
     out = {}
-    for m in maps:
-        kh, kw = m.rows.shape[1:]
+    for layer_map in maps:
+        key_height, key_width = layer_map.rows.shape[1:]
         entries = []
-        for point, row in zip(points, m.rows, strict=True):
+        for point, row in zip(points, layer_map.rows, strict=True):
             flat = row.flatten()
             best = int(flat.argmax())
-            cell = (best % kw, best // kw)
+            cell = (best % key_width, best // key_width)
             entries.append(
                 {
                     "point": list(point),
-                    "query_cell": list(to_grid(point, resolution, *m.feature_grid)),
-                    "argmax": list(to_pixel(cell, resolution, kh, kw)),
+                    "query_cell": list(to_grid(point, resolution, *layer_map.feature_grid)),
+                    "argmax": list(to_pixel(cell, resolution, key_height, key_width)),
                     "argmax_cell": list(cell),
                     "max_weight": float(flat[best]),
                     "entropy": float(-(flat * flat.clamp_min(1e-30).log()).sum()),
                 }
             )
-        out[m.name] = {
-            "gamma": m.gamma,
-            "feature_grid": list(m.feature_grid),
-            "key_grid": [kh, kw],
-            "max_entropy": math.log(kh * kw),  # a uniform row: the layer attends everywhere equally
+        out[layer_map.name] = {
+            "gamma": layer_map.gamma,
+            "feature_grid": list(layer_map.feature_grid),
+            "key_grid": [key_height, key_width],
+            "max_entropy": math.log(key_height * key_width),  # a uniform row: the layer attends everywhere equally
             "points": entries,
         }
     return out
@@ -152,19 +154,19 @@ def draw_figure(image: torch.Tensor, points: Sequence[Point], maps: list[LayerAt
     fig = Figure(figsize=(ncols * PANEL_INCHES, nrows * PANEL_INCHES), dpi=DPI, layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)
     extent = (-0.5, resolution - 0.5, resolution - 0.5, -0.5)
-    for r, m in enumerate(maps):
-        heat = m.heat(resolution).numpy()
-        axes[r, 0].imshow(rgb, extent=extent, **shown)
-        axes[r, 0].set_ylabel(f"{m.name}\ngamma={m.gamma:.3f}", fontsize=8)
-        for p, point in enumerate(points):
-            axes[r, 0].plot(*point, "o", color=colours(p % 10), markersize=5, markeredgecolor="white")
-            ax = axes[r, p + 1]
+    for row, layer_map in enumerate(maps):
+        heat = layer_map.heat(resolution).numpy()
+        axes[row, 0].imshow(rgb, extent=extent, **shown)
+        axes[row, 0].set_ylabel(f"{layer_map.name}\ngamma={layer_map.gamma:.3f}", fontsize=8)
+        for point_index, point in enumerate(points):
+            axes[row, 0].plot(*point, "o", color=colours(point_index % 10), markersize=5, markeredgecolor="white")
+            ax = axes[row, point_index + 1]
             ax.imshow(rgb, extent=extent, **shown)
-            ax.imshow(heat[p], cmap="inferno", alpha=0.6, extent=extent, interpolation="nearest")
-            ax.plot(*point, "o", color=colours(p % 10), markersize=5, markeredgecolor="white")
-            if r == 0:
+            ax.imshow(heat[point_index], cmap="inferno", alpha=0.6, extent=extent, interpolation="nearest")
+            ax.plot(*point, "o", color=colours(point_index % 10), markersize=5, markeredgecolor="white")
+            if row == 0:
                 ax.set_title(f"({point[0]}, {point[1]})", fontsize=8)
-        for ax in axes[r]:
+        for ax in axes[row]:
             ax.set_xticks([])
             ax.set_yticks([])
     return fig

@@ -51,8 +51,8 @@ def atomic_write(path: Path, write) -> None:
     """Call write(tmp_path), then rename into place: a crash mid-write never leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide checkpoints from the rest of a lab
@@ -97,8 +97,8 @@ def read_info(path: str | Path) -> CheckpointInfo:
     if not path.is_file():
         raise UserError(f"checkpoint {path} is not a file (give the .safetensors file inside the run directory)")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        with safe_open(str(path), framework="pt") as checkpoint_file:
+            meta = checkpoint_file.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"{path} is not a safetensors checkpoint ({exc}); give a g.safetensors or d.safetensors written by `sagan train`") from None
     if meta.get("sagan.kind") not in KINDS or "sagan.config" not in meta:

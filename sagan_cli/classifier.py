@@ -138,8 +138,8 @@ def _read_metadata(path: Path) -> dict[str, str]:
         what = "is not a file" if path.exists() else "does not exist"
         raise UserError(f"classifier {path} {what}; train one with `sagan classifier train RECIPE --out {path}`")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
+        with safe_open(str(path), framework="pt") as classifier_file:
+            return classifier_file.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise UserError(f"classifier {path} is not a safetensors file ({str(exc)[:120]}); "
                         "give a file written by `sagan classifier train`") from None
@@ -260,7 +260,7 @@ def train_classifier(data: DataConfig, resolution: int, num_classes: int, out: s
         if progress:
             print(f"epoch {epoch + 1}/{epochs}: loss {loss_sum / seen:.4f} ({time.perf_counter() - started:.0f} s)")
     test_accuracy = accuracy(model, test_set, batch_size, device, data.workers)
-    names = list(getattr(full, "class_names", []) or [str(k) for k in range(num_classes)])
+    names = list(getattr(full, "class_names", []) or [str(label) for label in range(num_classes)])
     return save_classifier(out, model, dataset=dataset_identity(data, resolution, num_classes), class_names=names,
                            test_accuracy=test_accuracy, test_images=len(test_set), test_set=where,
                            train_images=len(train_set), epochs=epochs, recipe=recipe)

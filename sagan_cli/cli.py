@@ -264,7 +264,8 @@ def info(
     table = Table(title="sagan info", show_header=False)
     for key, value in details.items():
         if key == "cuda_gpus":
-            value = "; ".join(f"{g['index']}: {g['name']}, {g['memory_gib']} GiB, bf16 {g['bf16']}" for g in value) or "none"
+            value = "; ".join(f"{gpu['index']}: {gpu['name']}, {gpu['memory_gib']} GiB, bf16 {gpu['bf16']}"
+                              for gpu in value) or "none"
         table.add_row(key, "not found" if value is None else str(value))
     Console().print(table)
 
@@ -371,7 +372,7 @@ def main() -> None:
         # Usage errors (unknown option, bad value). Typer >= 0.20 vendors click, so match by shape.
         if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
             raise
-        command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+        command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "")
         hint = f" (see `sagan {command} --help`)" if command else " (see `sagan --help`)"
         print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
         sys.exit(exc.exit_code)

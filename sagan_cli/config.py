@@ -155,23 +155,23 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
     """Return `value` as type `hint` or raise a UserError naming `key`."""
     name = getattr(hint, "__name__", str(hint))
     if hint is bool:
-        ok = isinstance(value, bool)
+        matches = isinstance(value, bool)
     elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
+        matches = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        matches = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if matches else value
     elif hint is str:
-        ok = isinstance(value, str)
+        matches = isinstance(value, str)
     elif hint in (list[int], list[str]):
         inner = int if hint == list[int] else str
         name = f"list of {inner.__name__}"
-        ok = isinstance(value, list) and all(
-            isinstance(v, inner) and not isinstance(v, bool) for v in value
+        matches = isinstance(value, list) and all(
+            isinstance(item, inner) and not isinstance(item, bool) for item in value
         )
     else:  # pragma: no cover - a field type this function does not know
         raise TypeError(f"unsupported config type {hint!r} for {key}")
-    if not ok:
+    if not matches:
         raise UserError(f"{key} must be a {name}, got {value!r}")
     return value
 
@@ -180,7 +180,7 @@ def _build(cls: type, values: dict[str, Any], table: str) -> Any:
     if not isinstance(values, dict):
         raise UserError(f"[{table}] must be a table, got {values!r}")
     hints = get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {recipe_field.name for recipe_field in dataclasses.fields(cls)}
     for key in values:
         if key not in known:
             raise UserError(
@@ -190,29 +190,30 @@ def _build(cls: type, values: dict[str, Any], table: str) -> Any:
     return cls(**kwargs)
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
         raise UserError(f"{key} {message}")
 
 
-def validate_model(m: ModelConfig) -> None:
+def validate_model(model: ModelConfig) -> None:
     for key, choices in CHOICES.items():
         if key.startswith("model."):
-            value = getattr(m, key.split(".")[1])
+            value = getattr(model, key.split(".")[1])
             _require(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
-    _require(m.resolution in RESOLUTIONS, "model.resolution", f"must be one of {RESOLUTIONS}, got {m.resolution}")
-    _require(m.num_classes >= 0, "model.num_classes", "must be >= 0")
-    _require(m.channels in CHANNELS, "model.channels", f"must be 1 (grayscale) or 3 (RGB), got {m.channels}")
+    _require(model.resolution in RESOLUTIONS, "model.resolution",
+             f"must be one of {RESOLUTIONS}, got {model.resolution}")
+    _require(model.num_classes >= 0, "model.num_classes", "must be >= 0")
+    _require(model.channels in CHANNELS, "model.channels", f"must be 1 (grayscale) or 3 (RGB), got {model.channels}")
     for key in ("z_dim", "g_ch", "d_ch"):
-        _require(getattr(m, key) > 0, f"model.{key}", "must be > 0")
+        _require(getattr(model, key) > 0, f"model.{key}", "must be > 0")
     for key in ("g_ch", "d_ch"):
-        _require(getattr(m, key) % 8 == 0, f"model.{key}", "must be a multiple of 8 (attention uses C/8 channels)")
-    for key, allowed in (("g_attention", m.g_sizes()), ("d_attention", m.d_sizes())):
-        for size in getattr(m, key):
+        _require(getattr(model, key) % 8 == 0, f"model.{key}", "must be a multiple of 8 (attention uses C/8 channels)")
+    for key, allowed in (("g_attention", model.g_sizes()), ("d_attention", model.d_sizes())):
+        for size in getattr(model, key):
             _require(
                 size in allowed,
                 f"model.{key}",
-                f"has size {size}, but a {m.arch} model at resolution {m.resolution} "
+                f"has size {size}, but a {model.arch} model at resolution {model.resolution} "
                 f"has feature maps of sizes {allowed} there",
             )
 
@@ -225,38 +226,39 @@ def validate(recipe: Recipe) -> Recipe:
             continue  # validate_model checked these
         value = getattr(getattr(recipe, table), name)
         _require(value in choices, key, f"must be one of {', '.join(choices)}, got {value!r}")
-    d, t, e = recipe.data, recipe.train, recipe.eval
-    _require(d.kind == "synthetic" or bool(d.path), "data.path",
-             f"must be set for data.kind = {d.kind!r} (a folder of images, an LSUN *_lmdb directory, "
+    data, train, evaluation = recipe.data, recipe.train, recipe.eval
+    _require(data.kind == "synthetic" or bool(data.path), "data.path",
+             f"must be set for data.kind = {data.kind!r} (a folder of images, an LSUN *_lmdb directory, "
              "or the folder of the IDX or CIFAR-10 binary files)")
-    fixed = DATA_CHANNELS.get(d.kind)
+    fixed = DATA_CHANNELS.get(data.kind)
     _require(fixed is None or recipe.model.channels == fixed, "model.channels",
-             f"is {recipe.model.channels} but data.kind = {d.kind!r} has {fixed}-channel images: "
+             f"is {recipe.model.channels} but data.kind = {data.kind!r} has {fixed}-channel images: "
              f"set model.channels = {fixed} or leave it out")
-    _require(d.workers >= 0, "data.workers", "must be >= 0")
-    _require(d.max_images >= 0, "data.max_images", "must be >= 0 (0 means all)")
-    _require(d.synthetic_size > 0, "data.synthetic_size", "must be > 0")
-    _require(1 <= d.synthetic_blobs_per_side <= 4, "data.synthetic_blobs_per_side", "must be 1 to 4")
-    _require(0.05 <= d.synthetic_radius_min <= d.synthetic_radius_max <= 0.2, "data.synthetic_radius_min",
+    _require(data.workers >= 0, "data.workers", "must be >= 0")
+    _require(data.max_images >= 0, "data.max_images", "must be >= 0 (0 means all)")
+    _require(data.synthetic_size > 0, "data.synthetic_size", "must be > 0")
+    _require(1 <= data.synthetic_blobs_per_side <= 4, "data.synthetic_blobs_per_side", "must be 1 to 4")
+    _require(0.05 <= data.synthetic_radius_min <= data.synthetic_radius_max <= 0.2, "data.synthetic_radius_min",
              "and data.synthetic_radius_max must satisfy 0.05 <= min <= max <= 0.2 (fractions of the image size)")
     for key in ("steps", "batch_size", "d_steps", "checkpoint_every", "keep_checkpoints",
                 "sample_every", "sample_grid", "log_every", "max_bad_steps"):
-        _require(getattr(t, key) > 0, f"train.{key}", "must be > 0")
+        _require(getattr(train, key) > 0, f"train.{key}", "must be > 0")
     for key in ("lr_g", "lr_d"):
-        _require(getattr(t, key) > 0, f"train.{key}", "must be > 0")
+        _require(getattr(train, key) > 0, f"train.{key}", "must be > 0")
     for key in ("beta1", "beta2", "ema_decay"):
-        _require(0 <= getattr(t, key) < 1, f"train.{key}", "must be in [0, 1)")
-    _require(t.ema_start >= 0, "train.ema_start", "must be >= 0")
-    _require(t.gp_weight >= 0, "train.gp_weight", "must be >= 0")
-    _require(e.every >= 0, "eval.every", "must be >= 0 (0 turns evaluation off)")
-    _require(e.num_samples > 0, "eval.num_samples", "must be > 0")
-    _require(e.batch_size > 0, "eval.batch_size", "must be > 0")
-    for metric in e.metrics:
+        _require(0 <= getattr(train, key) < 1, f"train.{key}", "must be in [0, 1)")
+    _require(train.ema_start >= 0, "train.ema_start", "must be >= 0")
+    _require(train.gp_weight >= 0, "train.gp_weight", "must be >= 0")
+    _require(evaluation.every >= 0, "eval.every", "must be >= 0 (0 turns evaluation off)")
+    _require(evaluation.num_samples > 0, "eval.num_samples", "must be > 0")
+    _require(evaluation.batch_size > 0, "eval.batch_size", "must be > 0")
+    for metric in evaluation.metrics:
         _require(metric in METRICS, "eval.metrics", f"entries must be among {', '.join(METRICS)}, got {metric!r}")
-    needs_classifier = [m for m in e.metrics if m.startswith("classifier_") or m == "gan_test"]
-    _require(bool(e.classifier) or not needs_classifier, "eval.classifier",
+    needs_classifier = [metric for metric in evaluation.metrics
+                        if metric.startswith("classifier_") or metric == "gan_test"]
+    _require(bool(evaluation.classifier) or not needs_classifier, "eval.classifier",
              f"must be set for eval.metrics {', '.join(needs_classifier)} (train one with `sagan classifier train`)")
-    _require("gan_test" not in e.metrics or recipe.model.num_classes > 0, "eval.metrics",
+    _require("gan_test" not in evaluation.metrics or recipe.model.num_classes > 0, "eval.metrics",
              "has gan_test, which needs a class-conditional model (model.num_classes > 0)")
     return recipe
 

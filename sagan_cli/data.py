@@ -52,8 +52,8 @@ def open_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise UserError(f"image {path} " + ("is not a file; give an image file" if path.exists() else "does not exist"))
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
     except (UnidentifiedImageError, *DECODE_ERRORS) as exc:  # incl. Pillow's DecompressionBombError
         raise UserError(f"cannot read image {path}: {exc}") from None
 
@@ -66,9 +66,9 @@ def to_model_input(image: torch.Tensor, resolution: int) -> torch.Tensor:
     return image.float().div(127.5).sub(1.0)
 
 
-def image_to_tensor(img: Image.Image, resolution: int, channels: int = 3) -> torch.Tensor:
+def image_to_tensor(image: Image.Image, resolution: int, channels: int = 3) -> torch.Tensor:
     """A Pillow image as the model sees it: [channels, R, R] in [-1, 1] (1 channel: Pillow's luma)."""
-    return to_model_input(TF.pil_to_tensor(img.convert("L" if channels == 1 else "RGB")), resolution)
+    return to_model_input(TF.pil_to_tensor(image.convert("L" if channels == 1 else "RGB")), resolution)
 
 
 def _subset(count: int, max_images: int) -> np.ndarray:
@@ -107,16 +107,16 @@ class _LazyImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         for offset in range(len(self)):
-            j = (index + offset) % len(self)
-            if self._bad[j]:
+            candidate = (index + offset) % len(self)
+            if self._bad[candidate]:
                 continue
             try:
-                image = image_to_tensor(self._load(j), self.resolution, self.channels)
+                image = image_to_tensor(self._load(candidate), self.resolution, self.channels)
             except DECODE_ERRORS as exc:
-                self._bad[j] = True
-                log.warning("skipping unreadable image %s: %s", self._name(j), str(exc).splitlines()[0])
+                self._bad[candidate] = True
+                log.warning("skipping unreadable image %s: %s", self._name(candidate), str(exc).splitlines()[0])
                 continue
-            return image, int(self.labels[j])
+            return image, int(self.labels[candidate])
         raise UserError(f"no readable image in {self.source} ({len(self)} tried): check the files or data.path")
 
 
@@ -124,10 +124,10 @@ def _find_images(root: Path) -> list[Path]:
     """Image files under `root`, recursively, sorted; hidden files and folders are left out."""
     found = []
     for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(folder, f) for f in files
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+        dirs[:] = [subfolder for subfolder in dirs if not subfolder.startswith(".")]
+        found += [Path(folder, file_name) for file_name in files
+                  if not file_name.startswith(".") and Path(file_name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
 
 
 def _folder_root(data: DataConfig) -> Path:
@@ -146,7 +146,8 @@ class FolderImages(_LazyImages):
         self.root = _folder_root(data)
         class_names: list[str] = []
         if num_classes > 0:
-            class_names = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+            class_names = sorted(entry.name for entry in self.root.iterdir()
+                                 if entry.is_dir() and not entry.name.startswith("."))
             if len(class_names) != num_classes:
                 raise UserError(
                     f"model.num_classes is {num_classes} but {self.root} has {len(class_names)} class "
@@ -192,7 +193,7 @@ def _open_lmdb(root: Path) -> lmdb.Environment:
     """One read-only environment per process and LMDB: lmdb refuses a second one in a process, and
     one must not cross a fork, so each DataLoader worker opens its own (keyed by process id)."""
     key = (os.getpid(), str(root.resolve()))
-    for inherited in [k for k in _ENVS if k[0] != key[0]]:
+    for inherited in [env_key for env_key in _ENVS if env_key[0] != key[0]]:
         _ENVS.pop(inherited).close()  # a forked copy: closing it here leaves the parent's untouched
     if key not in _ENVS:
         try:
@@ -212,7 +213,7 @@ def _lmdb_keys(root: Path) -> tuple[bytes, np.ndarray]:
     if cache_key not in _KEYS:
         with _open_lmdb(root).begin() as txn:
             keys = list(txn.cursor().iternext(keys=True, values=False))
-        offsets = np.cumsum([0] + [len(k) for k in keys], dtype=np.int64)
+        offsets = np.cumsum([0] + [len(key) for key in keys], dtype=np.int64)
         _KEYS[cache_key] = (b"".join(keys), offsets)
     return _KEYS[cache_key]
 
@@ -235,8 +236,8 @@ class LSUNImages(_LazyImages):
             value = txn.get(self._key(index))
         if value is None:
             raise ValueError("key missing from the LMDB")
-        with Image.open(io.BytesIO(value)) as img:
-            return img.convert("RGB")
+        with Image.open(io.BytesIO(value)) as opened:
+            return opened.convert("RGB")
 
     def _name(self, index: int) -> str:
         return f"{self.root}[{self._key(index).decode(errors='replace')}]"
@@ -269,7 +270,7 @@ class SyntheticBlobs(Dataset):
                             "lower data.synthetic_radius_max or data.synthetic_blobs_per_side")
         self.size, self.resolution, self.seed = size, resolution, seed
         self.blobs_per_side, self.radius, self.num_classes = blobs_per_side, radius, num_classes
-        self.class_names = [f"hue{round(360 * k / num_classes):03d}" for k in range(num_classes)]
+        self.class_names = [f"hue{round(360 * label / num_classes):03d}" for label in range(num_classes)]
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -286,25 +287,25 @@ class SyntheticBlobs(Dataset):
         label = int(rng.integers(self.num_classes)) if self.num_classes else 0
         n = self.blobs_per_side
         for _ in range(100):
-            r = rng.uniform(*self.radius, n)
-            cx = rng.uniform(MARGIN + r, 0.5 - MARGIN - r)
-            cy = rng.uniform(MARGIN + r, 1 - MARGIN - r)
-            dist = np.hypot(cx[:, None] - cx, cy[:, None] - cy)
-            if np.all(dist + np.eye(n) * 9 >= r[:, None] + r + GAP):
-                return np.stack([cx, cy, r], axis=1), label
+            radii = rng.uniform(*self.radius, n)
+            centre_x = rng.uniform(MARGIN + radii, 0.5 - MARGIN - radii)
+            centre_y = rng.uniform(MARGIN + radii, 1 - MARGIN - radii)
+            dist = np.hypot(centre_x[:, None] - centre_x, centre_y[:, None] - centre_y)
+            if np.all(dist + np.eye(n) * 9 >= radii[:, None] + radii + GAP):
+                return np.stack([centre_x, centre_y, radii], axis=1), label
         band = (1 - 2 * MARGIN) / n  # rare crowded draws: one disc per horizontal band always fits
-        return np.stack([cx, MARGIN + band * (np.arange(n) + 0.5), r], axis=1), label
+        return np.stack([centre_x, MARGIN + band * (np.arange(n) + 0.5), radii], axis=1), label
 
     def render(self, index: int) -> tuple[np.ndarray, int]:
         """([R, R, 3] float in [0, 1] on the 8-bit grid, label); the right half mirrors the left."""
         blobs, label = self.layout(index)
-        res, half = self.resolution, (self.resolution + 1) // 2
-        ys, xs = np.arange(res)[:, None] + 0.5, np.arange(half)[None, :] + 0.5
-        cover = np.zeros((res, half))
-        for cx, cy, r in blobs * res:  # anti-aliased disc: coverage ramps over one pixel
-            cover = np.maximum(cover, np.clip(r - np.hypot(xs - cx, ys - cy) + 0.5, 0, 1))
+        resolution, half = self.resolution, (self.resolution + 1) // 2
+        ys, xs = np.arange(resolution)[:, None] + 0.5, np.arange(half)[None, :] + 0.5
+        cover = np.zeros((resolution, half))
+        for centre_x, centre_y, radius in blobs * resolution:  # anti-aliased disc: coverage ramps over one pixel
+            cover = np.maximum(cover, np.clip(radius - np.hypot(xs - centre_x, ys - centre_y) + 0.5, 0, 1))
         left = BACKGROUND + cover[..., None] * (self.colour(label) - BACKGROUND)
-        image = np.concatenate([left, left[:, : res - half][:, ::-1]], axis=1)
+        image = np.concatenate([left, left[:, : resolution - half][:, ::-1]], axis=1)
         return np.round(image * 255) / 255, label
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
@@ -365,21 +366,22 @@ def dataset_identity(data: DataConfig, resolution: int, num_classes: int = 0) ->
 
     num_classes matters only to the synthetic data, whose colours depend on it.
     """
-    h = hashlib.sha256(f"{data.kind}|{resolution}|{data.max_images}".encode())
+    digest = hashlib.sha256(f"{data.kind}|{resolution}|{data.max_images}".encode())
     if data.kind == "folder":
         root = _folder_root(data)
         for path in _find_images(root):
-            st = path.stat()
-            h.update(f"|{path.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}".encode())
+            file_stat = path.stat()
+            digest.update(f"|{path.relative_to(root).as_posix()}|{file_stat.st_size}|{file_stat.st_mtime_ns}".encode())
     elif data.kind == "lsun":
         root = _lsun_root(data)
         entries = _open_lmdb(root).stat()["entries"]
-        h.update(f"|{root.resolve()}|{entries}|{(root / 'data.mdb').stat().st_size}".encode())
+        digest.update(f"|{root.resolve()}|{entries}|{(root / 'data.mdb').stat().st_size}".encode())
     elif data.kind in ("idx", "cifar10-bin"):  # the files' content, wherever they are installed
         files = (formats.find_idx(data.path, data.split) if data.kind == "idx"
                  else formats.cifar_files(data.path, data.split))
-        h.update(f"|{data.split}|{formats.files_identity([f for f in files if f is not None])}".encode())
+        digest.update(f"|{data.split}|{formats.files_identity([path for path in files if path is not None])}".encode())
     else:
-        d = _synthetic(data, resolution, num_classes)
-        h.update(f"|{SYNTHETIC_VERSION}|{d.seed}|{d.size}|{d.blobs_per_side}|{d.radius}|{num_classes}".encode())
-    return f"{data.kind}-{resolution}-{h.hexdigest()[:16]}"
+        synthetic = _synthetic(data, resolution, num_classes)
+        digest.update(f"|{SYNTHETIC_VERSION}|{synthetic.seed}|{synthetic.size}|{synthetic.blobs_per_side}"
+                      f"|{synthetic.radius}|{num_classes}".encode())
+    return f"{data.kind}-{resolution}-{digest.hexdigest()[:16]}"

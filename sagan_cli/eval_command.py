@@ -93,14 +93,14 @@ def eval_command(*, ckpt: Path | None, samples: Path | None, data: Path, num_sam
         check_writable(json_path, "--json")  # now, not after minutes of evaluation
     if metrics is not None:
         chosen = parse_metrics(metrics, data_config)
-        if any(m in INCEPTION_METRICS for m in chosen):
+        if any(metric in INCEPTION_METRICS for metric in chosen):
             find_inception_weights(inception_weights)  # a missing file fails before the checkpoint loads
-        if any(m in CLASSIFIER_METRICS for m in chosen):
+        if any(metric in CLASSIFIER_METRICS for metric in chosen):
             classifier_space(classifier)
-    dev = resolve_device(device)
+    torch_device = resolve_device(device)
     labels = None
     if ckpt is not None:
-        source, info = load_model(ckpt, expect="generator", device=dev)
+        source, info = load_model(ckpt, expect="generator", device=torch_device)
         resolution, labelled = info.config.resolution, info.config.num_classes > 0
     else:
         source, resolution, labels = load_samples(samples)
@@ -109,7 +109,7 @@ def eval_command(*, ckpt: Path | None, samples: Path | None, data: Path, num_sam
         metrics = DEFAULT_METRICS if classifier is None else DEFAULT_CLASSIFIER_METRICS + (",gan_test" if labelled else "")
     result = evaluate(source, data_config, resolution, metrics=metrics, num_samples=num_samples,
                       reference_count=reference_count, inception_weights=inception_weights, classifier=classifier,
-                      device=dev, batch_size=batch_size, seed=seed, verbose=verbose, num_classes=data_classes,
+                      device=torch_device, batch_size=batch_size, seed=seed, verbose=verbose, num_classes=data_classes,
                       labels=labels)
     result.protocol["source"] = str(ckpt or samples)
     if ckpt is not None:
@@ -122,25 +122,26 @@ def eval_command(*, ckpt: Path | None, samples: Path | None, data: Path, num_sam
 
 
 def _print(result: EvalResult) -> None:
-    p = result.protocol
-    table = Table(title=f"sagan eval: {escape(str(p['source']))}", show_header=True)
+    protocol = result.protocol
+    table = Table(title=f"sagan eval: {escape(str(protocol['source']))}", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in result.metrics.items():
         table.add_row(name, f"{value:.4f}")
-    caption = f"{p['num_samples']} samples at {p['image_size']}px"
-    if p.get("num_reference"):
-        caption += f" vs {p['num_reference']} reference images"
-    if p.get("feature_extractor_weights_sha256"):
-        caption += f"; Inception sha256 {p['feature_extractor_weights_sha256'][:12]}"
-        if not p["feature_extractor_weights_official"]:
+    caption = f"{protocol['num_samples']} samples at {protocol['image_size']}px"
+    if protocol.get("num_reference"):
+        caption += f" vs {protocol['num_reference']} reference images"
+    if protocol.get("feature_extractor_weights_sha256"):
+        caption += f"; Inception sha256 {protocol['feature_extractor_weights_sha256'][:12]}"
+        if not protocol["feature_extractor_weights_official"]:
             caption += " (NOT torch-fidelity's released weights: not comparable with published scores)"
-    if "classifier" in p:
-        c = p["classifier"]
-        caption += (f"; classifier_* and gan_test: classifier sha256 {c['weights_sha256'][:12]} (test accuracy "
-                    f"{c['test_accuracy']:.1%}), comparable only with scores from the same classifier file")
-    if ("fid" in result.metrics or "classifier_fid" in result.metrics) and p["num_samples"] < 2048:
+    if "classifier" in protocol:
+        classifier = protocol["classifier"]
+        caption += (f"; classifier_* and gan_test: classifier sha256 {classifier['weights_sha256'][:12]} "
+                    f"(test accuracy {classifier['test_accuracy']:.1%}), comparable only with scores from the same "
+                    "classifier file")
+    if ("fid" in result.metrics or "classifier_fid" in result.metrics) and protocol["num_samples"] < 2048:
         caption += "; FID below 2048 samples is biased upwards: compare only equal-n numbers"
     console = Console()
     console.print(table)
-    console.print(caption + f"; {p['seconds']:.1f} s", soft_wrap=True)
+    console.print(caption + f"; {protocol['seconds']:.1f} s", soft_wrap=True)

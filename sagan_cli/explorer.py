@@ -64,15 +64,15 @@ def query_stride(height: int, width: int) -> int:
 def layer_rows(layer: SelfAttention, x: torch.Tensor, name: str) -> dict:
     """The explorer's record of one layer for one image x [1, C, H, W]."""
     h, w = x.shape[2], x.shape[3]
-    s = query_stride(h, w)
-    ys = torch.arange(s // 2, h, s)[: h // s]
-    xs = torch.arange(s // 2, w, s)[: w // s]
+    stride = query_stride(h, w)
+    ys = torch.arange(stride // 2, h, stride)[: h // stride]
+    xs = torch.arange(stride // 2, w, stride)[: w // stride]
     flat = (ys[:, None] * w + xs[None, :]).reshape(-1)
     with torch.inference_mode():
         rows = layer.attention_weights(x, flat)[0].float().cpu()  # [Q, M]
-    kh, kw = layer.key_shape(h, w)
-    pool = max(1, max(kh, kw) // MAX_KEY_SIDE)
-    grid = rows.reshape(-1, 1, kh, kw)
+    key_height, key_width = layer.key_shape(h, w)
+    pool = max(1, max(key_height, key_width) // MAX_KEY_SIDE)
+    grid = rows.reshape(-1, 1, key_height, key_width)
     if pool > 1:
         grid = F.avg_pool2d(grid, pool) * pool * pool  # sums: each pooled cell keeps its share of the row
     grid = grid.flatten(1)
@@ -82,10 +82,10 @@ def layer_rows(layer: SelfAttention, x: torch.Tensor, name: str) -> dict:
         "name": name,
         "gamma": round(float(layer.gamma.detach()), 5),
         "feature": [h, w],
-        "stride": s,
+        "stride": stride,
         "queries": [len(ys), len(xs)],
-        "keys": [kh // pool, kw // pool],
-        "peak": [float(f"{float(p):.4g}") for p in peak[:, 0]],
+        "keys": [key_height // pool, key_width // pool],
+        "peak": [float(f"{float(row_peak):.4g}") for row_peak in peak[:, 0]],
         "rows": base64.b64encode(quantised.tobytes()).decode("ascii"),
     }
 
@@ -98,7 +98,7 @@ def _subjects_from_inputs(
     subjects = []
     for i, label in enumerate(labels):
         subject = Subject(label, network, png_data_uri(images[i]))
-        subject.layers = [layer_rows(layers[n], inputs[n][i : i + 1], n) for n in order]
+        subject.layers = [layer_rows(layers[name], inputs[name][i : i + 1], name) for name in order]
         subjects.append(subject)
     return subjects
 
@@ -128,7 +128,7 @@ def discriminator_subjects(
     layers = attention_layers(discriminator)
     if not layers or not images:
         return []
-    x = torch.stack([t for _, t in images])
+    x = torch.stack([image for _, image in images])
     device = next(discriminator.parameters()).device
     y = torch.zeros(len(images), dtype=torch.long, device=device) if discriminator.config.num_classes else None
     discriminator.eval()
@@ -139,7 +139,7 @@ def discriminator_subjects(
 
 def real_images(paths: Sequence[str | Path], dataset, count: int, resolution: int) -> list[tuple[str, torch.Tensor]]:
     """The user's images (resized and center-cropped like attn-map does) and `count` spread dataset images."""
-    chosen = [(f"D: {Path(p).name}", image_to_tensor(open_image(p), resolution)) for p in paths]
+    chosen = [(f"D: {Path(path).name}", image_to_tensor(open_image(path), resolution)) for path in paths]
     if dataset is not None and count > 0 and len(dataset) > 0:
         picks = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().unique()
         chosen += [(f"D: dataset image {int(i)}", dataset[int(i)][0]) for i in picks]

@@ -58,9 +58,9 @@ def fold_parametrizations(model: nn.Module) -> nn.Module:
     return plain
 
 
-def _inputs(cfg, n: int, seed: int) -> tuple[torch.Tensor, ...]:
-    z = make_noise(n, cfg.z_dim, seed=seed)
-    labels = make_labels(n, cfg.num_classes, None)
+def _inputs(config, n: int, seed: int) -> tuple[torch.Tensor, ...]:
+    z = make_noise(n, config.z_dim, seed=seed)
+    labels = make_labels(n, config.num_classes, None)
     return (z,) if labels is None else (z, labels)
 
 
@@ -82,7 +82,7 @@ def _run_onnx(path: Path, inputs: tuple) -> torch.Tensor:
     except ImportError:
         raise UserError("checking an ONNX export needs onnxruntime: pip install 'sagan-cli[export]'") from None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
+    feed = {spec.name: tensor.numpy() for spec, tensor in zip(session.get_inputs(), inputs, strict=True)}
     return torch.from_numpy(session.run(None, feed)[0])
 
 
@@ -117,14 +117,14 @@ def export_generator(ckpt: str | Path, fmt: str = "onnx", out: str | Path | None
     out = Path(out) if out is not None else ckpt.with_suffix(SUFFIX[fmt])
     check_writable(out, "--out")
     generator, info = load_model(ckpt, expect="generator", device="cpu")
-    cfg = info.config
+    config = info.config
     plain = fold_parametrizations(load_model(ckpt, expect="generator", device="cpu")[0])
-    wrapper = (ConditionalGenerator if cfg.num_classes else UnconditionalGenerator)(plain).eval()
-    example = _inputs(cfg, 2, seed=seed + 1)  # traced at batch 2, checked at another batch size
+    wrapper = (ConditionalGenerator if config.num_classes else UnconditionalGenerator)(plain).eval()
+    example = _inputs(config, 2, seed=seed + 1)  # traced at batch 2, checked at another batch size
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         (_export_onnx if fmt == "onnx" else _export_torchscript)(wrapper, example, tmp)
-        check = _inputs(cfg, check_samples, seed=seed)
+        check = _inputs(config, check_samples, seed=seed)
         with torch.no_grad():
             expected = generator(*check)  # the original, spectral norm still parametrised
         got = (_run_onnx if fmt == "onnx" else _run_torchscript)(tmp, check)

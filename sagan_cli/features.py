@@ -126,11 +126,11 @@ def classifier_space(path: str | Path | None) -> tuple[FeatureSpace, ClassifierI
                         "(or set eval.classifier); train one with `sagan classifier train RECIPE`")
     path = Path(path).expanduser().absolute()
     _, info = load_classifier(path)
-    c = info.config
+    config = info.config
     details = {"feature_extractor": CLASSIFIER_EXTRACTOR, "path": str(path), "weights_sha256": info.weights_sha256,
                "dataset": info.dataset, "test_accuracy": info.test_accuracy, "test_images": info.test_images,
-               "num_classes": c.num_classes, "channels": c.channels, "input_size": c.resolution,
-               "feature_dim": c.feature_dim, "feature_layers": {"fid": "features", "kid": "features",
+               "num_classes": config.num_classes, "channels": config.channels, "input_size": config.resolution,
+               "feature_dim": config.feature_dim, "feature_layers": {"fid": "features", "kid": "features",
                                                                  "prc": "features", "gan_test": "logits"}}
     return FeatureSpace(CLASSIFIER_EXTRACTOR, path, info.weights_sha256, CLASSIFIER_LAYERS, "classifier_", details), info
 
@@ -138,18 +138,18 @@ def classifier_space(path: str | Path | None) -> tuple[FeatureSpace, ClassifierI
 def check_classifier(info: ClassifierInfo, *, resolution: int, channels: int | None, num_classes: int,
                      gan_test: bool, labelled: bool) -> None:
     """Refuse a classifier that was not trained on images like these (its numbers would mean nothing)."""
-    c, name = info.config, info.path
-    if c.resolution != resolution:
-        raise UserError(f"classifier {name} was trained on {c.resolution}x{c.resolution} images, these are "
+    config, name = info.config, info.path
+    if config.resolution != resolution:
+        raise UserError(f"classifier {name} was trained on {config.resolution}x{config.resolution} images, these are "
                         f"{resolution}x{resolution}: train one with model.resolution = {resolution}")
-    if channels is not None and c.channels != channels:
-        raise UserError(f"classifier {name} reads {c.channels}-channel images, this generator makes {channels}-channel "
-                        "ones: train the classifier on the generator's data")
+    if channels is not None and config.channels != channels:
+        raise UserError(f"classifier {name} reads {config.channels}-channel images, this generator makes "
+                        f"{channels}-channel ones: train the classifier on the generator's data")
     if gan_test and not labelled:
         raise UserError("gan_test needs intended classes: a class-conditional generator (model.num_classes > 0) "
                         "or the .npz `sagan sample --format npz` writes for one; drop gan_test for this one")
-    if gan_test and num_classes != c.num_classes:
-        raise UserError(f"classifier {name} knows {c.num_classes} classes, the samples have {num_classes}: "
+    if gan_test and num_classes != config.num_classes:
+        raise UserError(f"classifier {name} knows {config.num_classes} classes, the samples have {num_classes}: "
                         "gan_test needs a classifier trained on the generator's classes")
 
 
@@ -187,11 +187,11 @@ def reference_cache_path(space: FeatureSpace, layers: list[str], definition: str
 def _read_cache(path: Path, space: FeatureSpace, layers: list[str]) -> dict[str, torch.Tensor] | None:
     """The cached features, or None when absent, unreadable or made by another extractor (then rebuilt)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        with safe_open(str(path), framework="pt") as cache_file:
+            meta = cache_file.metadata() or {}
             if (meta.get("extractor"), meta.get("weights_sha256")) != (space.extractor, space.weights_sha256):
                 return None
-            return {layer: f.get_tensor(layer) for layer in layers}
+            return {layer: cache_file.get_tensor(layer) for layer in layers}
     except (SafetensorError, OSError, ValueError, KeyError):
         return None
 
@@ -232,7 +232,8 @@ def fidelity_metrics(features: dict[str, torch.Tensor], reference: dict[str, tor
     if "isc" in metrics:
         raw.update(isc_featuresdict_to_metric(features, space.layers["isc"], **settings))
     if "fid" in metrics:
-        stats = [fid_featuresdict_to_statistics(f, space.layers["fid"]) for f in (features, reference)]
+        stats = [fid_featuresdict_to_statistics(feature_dict, space.layers["fid"])
+                 for feature_dict in (features, reference)]
         raw.update(fid_statistics_to_metric(*stats, verbose))
     if "kid" in metrics:
         raw.update(kid_featuresdict_to_metric(features, reference, space.layers["kid"], **settings))

@@ -89,14 +89,14 @@ def find_idx(path: str, split: str) -> tuple[Path, Path | None]:
     if not root.is_dir():
         raise UserError(f"data.path {root} does not exist: {IDX_HELP}")
     found: dict[str, Path] = {}
-    for f in sorted(root.iterdir()):
-        match = IDX_IMAGES.match(f.name)
-        if match and match["tag"] in SPLIT_TAGS[split] and f.is_file():
-            found.setdefault(f.name.removesuffix(".gz"), f)  # sorted: the un-gzipped copy wins (faster)
+    for candidate in sorted(root.iterdir()):
+        match = IDX_IMAGES.match(candidate.name)
+        if match and match["tag"] in SPLIT_TAGS[split] and candidate.is_file():
+            found.setdefault(candidate.name.removesuffix(".gz"), candidate)  # sorted: the un-gzipped copy wins (faster)
     if not found:
         raise UserError(f"no IDX {split} images in {root}: {IDX_HELP}")
     if len(found) > 1:
-        names = ", ".join(p.name for p in found.values())
+        names = ", ".join(image_file.name for image_file in found.values())
         raise UserError(f"{root} holds several IDX {split} image files ({names}): set data.path to one of them")
     images = next(iter(found.values()))
     return images, _labels_file(images)
@@ -133,7 +133,7 @@ def check_classes(labels: np.ndarray, num_classes: int, source: str) -> None:
 
 
 def _stamp(*paths: Path | None) -> tuple:
-    return tuple((p.stat().st_size, p.stat().st_mtime_ns) if p is not None else None for p in paths)
+    return tuple((path.stat().st_size, path.stat().st_mtime_ns) if path is not None else None for path in paths)
 
 
 @functools.lru_cache(maxsize=4)
@@ -162,7 +162,7 @@ def load_idx(path: str, split: str, need_labels: bool) -> tuple[torch.Tensor, np
     pixels, labels = _decoded_idx(images, labels_path, _stamp(images, labels_path))
     if labels is None:
         labels = np.zeros(len(pixels), dtype=np.int64)
-    return pixels, labels, str(images), [p for p in (images, labels_path) if p is not None]
+    return pixels, labels, str(images), [file for file in (images, labels_path) if file is not None]
 
 
 def _cifar_root(path: str) -> Path:
@@ -177,7 +177,7 @@ def _cifar_root(path: str) -> Path:
 def cifar_files(path: str, split: str) -> list[Path]:
     root = _cifar_root(path)
     files = [root / name for name in CIFAR_FILES[split]]
-    missing = [f.name for f in files if not f.is_file()]
+    missing = [file.name for file in files if not file.is_file()]
     if missing:
         raise UserError(f"{root} lacks {', '.join(missing)}: {CIFAR_HELP}")
     return files
@@ -186,10 +186,10 @@ def cifar_files(path: str, split: str) -> list[Path]:
 @functools.lru_cache(maxsize=2)
 def _decoded_cifar(files: tuple[Path, ...], stamp: tuple) -> tuple[torch.Tensor, np.ndarray]:
     chunks = []
-    for f in files:
-        raw = _read_bytes(f)
+    for file in files:
+        raw = _read_bytes(file)
         if len(raw) == 0 or len(raw) % CIFAR_RECORD:
-            raise UserError(f"{f} is truncated or not a CIFAR-10 binary batch: {len(raw)} bytes is not a "
+            raise UserError(f"{file} is truncated or not a CIFAR-10 binary batch: {len(raw)} bytes is not a "
                             f"whole number of {CIFAR_RECORD}-byte records")
         chunks.append(np.frombuffer(raw, np.uint8).reshape(-1, CIFAR_RECORD))
     records = np.concatenate(chunks)
@@ -212,13 +212,13 @@ def load_cifar10(path: str, split: str) -> tuple[torch.Tensor, np.ndarray, str, 
 
 def files_identity(files: list[Path]) -> str:
     """A content hash of the distributed files (sha256 of 30 MB of gzip takes ~15 ms here)."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
         try:
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(block)
         except OSError as exc:
-            raise UserError(f"cannot read {f}: {exc.strerror or exc}") from None
-    return h.hexdigest()
+            raise UserError(f"cannot read {file}: {exc.strerror or exc}") from None
+    return digest.hexdigest()

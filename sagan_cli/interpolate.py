@@ -39,14 +39,14 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
         return a
     if t == 1:
         return b
-    na, nb = a.norm(), b.norm()
-    ua, ub = a / na, b / nb
-    omega = torch.arccos((ua * ub).sum().clamp(-1.0, 1.0))
+    norm_a, norm_b = a.norm(), b.norm()
+    unit_a, unit_b = a / norm_a, b / norm_b
+    omega = torch.arccos((unit_a * unit_b).sum().clamp(-1.0, 1.0))
     if omega.abs() < 1e-6:  # (nearly) the same direction: the great circle degenerates to a line
-        direction = ua
+        direction = unit_a
     else:
-        direction = (torch.sin((1 - t) * omega) * ua + torch.sin(t * omega) * ub) / torch.sin(omega)
-    return ((1 - t) * na + t * nb) * direction / direction.norm()
+        direction = (torch.sin((1 - t) * omega) * unit_a + torch.sin(t * omega) * unit_b) / torch.sin(omega)
+    return ((1 - t) * norm_a + t * norm_b) * direction / direction.norm()
 
 
 def path_fractions(steps: int) -> list[float]:
@@ -57,8 +57,9 @@ def noise_path(seeds: Sequence[int], z_dim: int, steps: int, mode: str,
                truncation: float | None = None) -> list[torch.Tensor]:
     """One [steps, z_dim] tensor per segment seed[i] -> seed[i+1]."""
     mix = slerp if mode == "slerp" else lerp
-    ends = [make_noise(1, z_dim, seed=s, truncation=truncation)[0] for s in seeds]
-    return [torch.stack([mix(a, b, t) for t in path_fractions(steps)]) for a, b in zip(ends, ends[1:], strict=False)]
+    ends = [make_noise(1, z_dim, seed=seed, truncation=truncation)[0] for seed in seeds]
+    return [torch.stack([mix(start, end, t) for t in path_fractions(steps)])
+            for start, end in zip(ends, ends[1:], strict=False)]
 
 
 @contextmanager
@@ -67,24 +68,24 @@ def mixed_classes(generator: nn.Module, a: torch.Tensor, b: torch.Tensor, t: tor
     gain and bias, whatever labels the forward pass is given."""
 
     def hook(module: nn.Embedding, _inputs, _output):
-        w = module.weight
-        tt = t.to(w.device, w.dtype)[:, None]
-        return w[a.to(w.device)] * (1 - tt) + w[b.to(w.device)] * tt
+        table = module.weight
+        fraction = t.to(table.device, table.dtype)[:, None]
+        return table[a.to(table.device)] * (1 - fraction) + table[b.to(table.device)] * fraction
 
     handles = []
-    for m in generator.modules():
-        if isinstance(m, ClassBatchNorm2d) and m.gain is not None:
-            handles += [m.gain.register_forward_hook(hook), m.bias.register_forward_hook(hook)]
+    for module in generator.modules():
+        if isinstance(module, ClassBatchNorm2d) and module.gain is not None:
+            handles += [module.gain.register_forward_hook(hook), module.bias.register_forward_hook(hook)]
     try:
         yield
     finally:
-        for h in handles:
-            h.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def _parse_ints(text: str, option: str) -> list[int]:
     try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+        values = [int(item) for item in text.replace(" ", "").split(",") if item != ""]
     except ValueError:
         raise UserError(f"{option} expects comma-separated integers such as 0,1,2, got {text!r}") from None
     if len(values) < 2:
@@ -100,8 +101,8 @@ def _sheet(rows: list[torch.Tensor]) -> Image.Image:
 
 def _save(out_dir: Path, stem: str, rows: list[torch.Tensor], animation: str, frame_ms: int) -> list[Path]:
     sheet_path, anim_path = out_dir / f"{stem}.png", out_dir / f"{stem}.{animation}"
-    frames = [rows[0][0]] + [img for row in rows for img in row[1:]]  # joins appear once
-    pictures = [Image.fromarray(f.permute(1, 2, 0).numpy()) for f in frames]
+    frames = [rows[0][0]] + [frame for row in rows for frame in row[1:]]  # joins appear once
+    pictures = [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in frames]
     sheet = _sheet(rows)
     atomic_write(sheet_path, lambda tmp: sheet.save(tmp, format="png"))
     extra = {"lossless": True} if animation == "webp" else {"optimize": False}
@@ -136,37 +137,38 @@ def interpolate(
     if frame_ms <= 0 or batch_size <= 0:
         raise UserError("--frame-ms and --batch-size must be > 0")
     seed_list = _parse_ints(seeds, "--seeds")
-    dev = resolve_device(device)
-    generator, info = load_model(ckpt, expect="generator", device=dev)
-    cfg = info.config
-    k = cfg.num_classes
-    if k == 0 and (classes is not None or class_ is not None):
+    torch_device = resolve_device(device)
+    generator, info = load_model(ckpt, expect="generator", device=torch_device)
+    config = info.config
+    num_classes = config.num_classes
+    if num_classes == 0 and (classes is not None or class_ is not None):
         raise UserError("--classes/--class need a class-conditional generator; this one has num_classes = 0")
     class_list = _parse_ints(classes, "--classes") if classes is not None else None
-    for c in [*(class_list or []), *([class_] if class_ is not None else [])]:
-        if not 0 <= c < k:
-            raise UserError(f"class {c} is out of range: this model has classes 0-{k - 1}")
+    for class_index in [*(class_list or []), *([class_] if class_ is not None else [])]:
+        if not 0 <= class_index < num_classes:
+            raise UserError(f"class {class_index} is out of range: this model has classes 0-{num_classes - 1}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a folder")
 
     def render(z: torch.Tensor, label: int | None, chunk: int = batch_size) -> torch.Tensor:
-        y = None if k == 0 else torch.full((z.shape[0],), label, dtype=torch.long)
-        return torch.cat(list(iter_generate(generator, z, y, batch_size=chunk, device=dev)))
+        y = None if num_classes == 0 else torch.full((z.shape[0],), label, dtype=torch.long)
+        return torch.cat(list(iter_generate(generator, z, y, batch_size=chunk, device=torch_device)))
 
     written = []
-    label = class_ if class_ is not None else (0 if k else None)
-    rows = [render(z, label) for z in noise_path(seed_list, cfg.z_dim, steps, mode, truncation)]
+    label = class_ if class_ is not None else (0 if num_classes else None)
+    rows = [render(z, label) for z in noise_path(seed_list, config.z_dim, steps, mode, truncation)]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         written += _save(out_dir, f"seeds-{mode}", rows, animation, frame_ms)
         if class_list is not None:
-            z = make_noise(1, cfg.z_dim, seed=seed_list[0], truncation=truncation).expand(steps, -1)
-            t = torch.tensor(path_fractions(steps))
+            z = make_noise(1, config.z_dim, seed=seed_list[0], truncation=truncation).expand(steps, -1)
+            fractions = torch.tensor(path_fractions(steps))
             rows = []
-            for a, b in zip(class_list, class_list[1:], strict=False):
-                with mixed_classes(generator, torch.full((steps,), a), torch.full((steps,), b), t):
-                    rows.append(render(z, a, chunk=steps))  # one batch: the mix is per image
+            for start_class, end_class in zip(class_list, class_list[1:], strict=False):
+                with mixed_classes(generator, torch.full((steps,), start_class), torch.full((steps,), end_class),
+                                   fractions):
+                    rows.append(render(z, start_class, chunk=steps))  # one batch: the mix is per image
             written += _save(out_dir, "classes", rows, animation, frame_ms)
     except OSError as exc:
         raise UserError(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder") from None

@@ -94,13 +94,13 @@ def _iterate(norms: list[FP32SpectralNorm], matrices: list[torch.Tensor]):
     """One power iteration for several layers at once (foreach kernels): u = W v / |W v|, v = W^T u / |W^T u|,
     both also written to the buffers, and sigma = |W^T u|. Returns (sigmas, us, vs)."""
     eps = norms[0].eps
-    us = [torch.mv(w, n._v) for w, n in zip(matrices, norms, strict=True)]
+    us = [torch.mv(matrix, norm._v) for matrix, norm in zip(matrices, norms, strict=True)]
     torch._foreach_div_(us, torch._foreach_clamp_min(torch._foreach_norm(us), eps))
-    vs = [torch.mv(w.t(), u) for w, u in zip(matrices, us, strict=True)]
+    vs = [torch.mv(matrix.t(), u) for matrix, u in zip(matrices, us, strict=True)]
     sigmas = torch._foreach_norm(vs)
     torch._foreach_div_(vs, torch._foreach_clamp_min(sigmas, eps))
-    torch._foreach_copy_([n._u for n in norms], us)
-    torch._foreach_copy_([n._v for n in norms], vs)
+    torch._foreach_copy_([norm._u for norm in norms], us)
+    torch._foreach_copy_([norm._v for norm in norms], vs)
     return sigmas, us, vs
 
 
@@ -111,14 +111,18 @@ def power_iterations(model: nn.Module) -> None:
     operations per layer. Each layer's next training forward uses the result (then it is spent); the
     same `_iterate` serves a layer that iterates on its own, so the numbers are the same either way.
     """
-    layers = [(m, m.parametrizations.weight) for m in model.modules()
-              if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], FP32SpectralNorm)]
-    layers = [(m, p) for m, p in layers if p[0].training and p.original.ndim > 1 and p[0].n_power_iterations == 1]
+    layers = [(module, module.parametrizations.weight) for module in model.modules()
+              if parametrize.is_parametrized(module, "weight")
+              and isinstance(module.parametrizations.weight[0], FP32SpectralNorm)]
+    layers = [(module, weight_chain) for module, weight_chain in layers
+              if weight_chain[0].training and weight_chain.original.ndim > 1
+              and weight_chain[0].n_power_iterations == 1]
     if not layers:
         return
-    norms = [p[0] for _, p in layers]
+    norms = [weight_chain[0] for _, weight_chain in layers]
     with torch.autocast(layers[0][1].original.device.type, enabled=False):
-        matrices = [n._reshape_weight_to_matrix(p.original) for n, (_, p) in zip(norms, layers, strict=True)]
+        matrices = [norm._reshape_weight_to_matrix(weight_chain.original)
+                    for norm, (_, weight_chain) in zip(norms, layers, strict=True)]
         sigmas, us, vs = _iterate(norms, matrices)
     for norm, sigma, u, v in zip(norms, sigmas, us, vs, strict=True):
         norm.prepared = (sigma, u, v)
@@ -159,24 +163,25 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     CUDA's kernels take unequal widths, so there nothing is padded, and values wider than cuDNN accepts
     are split into heads that share the same q and k: also exact.
     """
-    batch, d, n = q.shape
-    value_width, m = v.shape[1], v.shape[2]
+    batch, query_width, query_positions = q.shape
+    value_width, key_positions = v.shape[1], v.shape[2]
     if heads is None:
-        heads = _cuda_heads(value_width, d) if q.is_cuda else 1
+        heads = _cuda_heads(value_width, query_width) if q.is_cuda else 1
     if pad is None:
         pad = not q.is_cuda
     width = value_width // heads
-    qk_width = width if pad else d
+    qk_width = width if pad else query_width
     # [B, h, N, w] with a contiguous last dimension: the fused kernels insist on it.
-    q = F.pad(q.transpose(1, 2), (0, qk_width - d)) if pad else q.transpose(1, 2).contiguous()
-    k = F.pad(k.transpose(1, 2), (0, qk_width - d)) if pad else k.transpose(1, 2).contiguous()
+    q = F.pad(q.transpose(1, 2), (0, qk_width - query_width)) if pad else q.transpose(1, 2).contiguous()
+    k = F.pad(k.transpose(1, 2), (0, qk_width - query_width)) if pad else k.transpose(1, 2).contiguous()
     if heads == 1:
         q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.transpose(1, 2).contiguous().unsqueeze(1)
     else:
-        q, k = q.unsqueeze(1).expand(batch, heads, n, qk_width), k.unsqueeze(1).expand(batch, heads, m, qk_width)
-        v = v.reshape(batch, heads, width, m).transpose(2, 3).contiguous()
-    o = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, h, N, w]
-    return o.transpose(2, 3).reshape(batch, value_width, n)
+        q, k = (q.unsqueeze(1).expand(batch, heads, query_positions, qk_width),
+                k.unsqueeze(1).expand(batch, heads, key_positions, qk_width))
+        v = v.reshape(batch, heads, width, key_positions).transpose(2, 3).contiguous()
+    attended = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # [B, h, N, w]
+    return attended.transpose(2, 3).reshape(batch, value_width, query_positions)
 
 
 def attention_path(x: torch.Tensor, positions: int) -> str:
@@ -222,11 +227,11 @@ class SelfAttention(nn.Module):
             k, v = F.max_pool2d(k, 2), F.max_pool2d(v, 2)
         return q.flatten(2), k.flatten(2), v.flatten(2)
 
-    def _finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        o = o.reshape(x.shape[0], self.value_channels, x.shape[2], x.shape[3])
+    def _finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        attended = attended.reshape(x.shape[0], self.value_channels, x.shape[2], x.shape[3])
         if self.out is not None:
-            o = self.out(o)
-        return x + self.gamma * o
+            attended = self.out(attended)
+        return x + self.gamma * attended
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._qkv(x)
@@ -258,7 +263,8 @@ class SelfAttention(nn.Module):
 def _flat_indices(points: Sequence | torch.Tensor, width: int) -> torch.Tensor:
     if isinstance(points, torch.Tensor):
         return points.long().reshape(-1)
-    return torch.tensor([p if isinstance(p, int) else p[1] * width + p[0] for p in points], dtype=torch.long)
+    return torch.tensor([point if isinstance(point, int) else point[1] * width + point[0] for point in points],
+                        dtype=torch.long)
 
 
 class ClassBatchNorm2d(nn.Module):
@@ -342,7 +348,7 @@ class ResDownBlock(nn.Module):
         if self.down:
             h = F.avg_pool2d(h, 2)
         # a 1x1 conv commutes with 2x2 average pooling, so pool first: 4x fewer shortcut FLOPs, same result
-        s = F.avg_pool2d(x, 2) if self.down else x
+        shortcut = F.avg_pool2d(x, 2) if self.down else x
         if self.shortcut is not None:
-            s = self.shortcut(s)
-        return h + s
+            shortcut = self.shortcut(shortcut)
+        return h + shortcut

@@ -28,9 +28,10 @@ from sagan_cli.layers import (
 )
 
 
-def _attention(sizes: list[int], widths: dict[int, int], cfg: ModelConfig, use_sn: bool) -> nn.ModuleDict:
+def _attention(sizes: list[int], widths: dict[int, int], config: ModelConfig, use_sn: bool) -> nn.ModuleDict:
     return nn.ModuleDict(
-        {str(s): SelfAttention(widths[s], cfg.attention, use_sn, init=cfg.init) for s in sorted(set(sizes))}
+        {str(size): SelfAttention(widths[size], config.attention, use_sn, init=config.init)
+         for size in sorted(set(sizes))}
     )
 
 
@@ -50,32 +51,34 @@ def _check_labels(y: torch.Tensor | None, num_classes: int) -> None:
 
 
 class Generator(nn.Module):
-    """z (and class labels) -> images in [-1, 1], `cfg.channels` of them (`to_rgb` keeps its name when 1:
+    """z (and class labels) -> images in [-1, 1], `config.channels` of them (`to_rgb` keeps its name when 1:
     checkpoints store it)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        validate_model(cfg)
-        self.config = cfg
-        res, ch, k, use_sn = cfg.resolution, cfg.g_ch, cfg.num_classes, cfg.g_spectral_norm
-        last_sn = use_sn and cfg.sn_last_layer
-        sizes = cfg.g_sizes()
-        if cfg.arch == "dcgan":
-            widths = {s: ch * min(8, res // (2 * s)) for s in sizes}
+        validate_model(config)
+        self.config = config
+        resolution, base_width, num_classes, use_sn = (config.resolution, config.g_ch, config.num_classes,
+                                                       config.g_spectral_norm)
+        last_sn = use_sn and config.sn_last_layer
+        sizes = config.g_sizes()
+        if config.arch == "dcgan":
+            widths = {size: base_width * min(8, resolution // (2 * size)) for size in sizes}
             self.stem = None
-            blocks = [DCGANUpBlock(cfg.z_dim, widths[4], k, use_sn, cfg.init, stem=True)]
-            blocks += [DCGANUpBlock(widths[s // 2], widths[s], k, use_sn, cfg.init) for s in sizes[1:]]
+            blocks = [DCGANUpBlock(config.z_dim, widths[4], num_classes, use_sn, config.init, stem=True)]
+            blocks += [DCGANUpBlock(widths[size // 2], widths[size], num_classes, use_sn, config.init)
+                       for size in sizes[1:]]
             self.final_bn = None
-            self.to_rgb = sn(nn.ConvTranspose2d(widths[sizes[-1]], cfg.channels, 4, 2, 1), last_sn, cfg.init)
+            self.to_rgb = sn(nn.ConvTranspose2d(widths[sizes[-1]], config.channels, 4, 2, 1), last_sn, config.init)
         else:
-            widths = {s: ch * min(16, res // s) for s in [4, *sizes]}
-            self.stem = sn(nn.Linear(cfg.z_dim, 4 * 4 * widths[4]), use_sn, cfg.init)
-            blocks = [ResUpBlock(widths[s // 2], widths[s], k, use_sn, cfg.init) for s in sizes]
-            self.final_bn = ClassBatchNorm2d(widths[res], 0)
-            self.to_rgb = sn(nn.Conv2d(widths[res], cfg.channels, 3, padding=1), last_sn, cfg.init)
+            widths = {size: base_width * min(16, resolution // size) for size in [4, *sizes]}
+            self.stem = sn(nn.Linear(config.z_dim, 4 * 4 * widths[4]), use_sn, config.init)
+            blocks = [ResUpBlock(widths[size // 2], widths[size], num_classes, use_sn, config.init) for size in sizes]
+            self.final_bn = ClassBatchNorm2d(widths[resolution], 0)
+            self.to_rgb = sn(nn.Conv2d(widths[resolution], config.channels, 3, padding=1), last_sn, config.init)
         self.stem_channels = widths[4]
         self.blocks = nn.ModuleList(blocks)
-        self.attention = _attention(cfg.g_attention, widths, cfg, use_sn)
+        self.attention = _attention(config.g_attention, widths, config, use_sn)
         self.stages = _stages(self.blocks, sizes, self.attention)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,29 +99,30 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """images (and class labels) -> one realness score per image (projection term when conditional)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        validate_model(cfg)
-        self.config = cfg
-        res, ch, use_sn = cfg.resolution, cfg.d_ch, cfg.d_spectral_norm
-        last_sn = use_sn and cfg.sn_last_layer
-        sizes = cfg.d_sizes()  # res/2, ..., 4
-        if cfg.arch == "dcgan":
-            widths = {s: ch * min(8, res // (2 * s)) for s in sizes}
-            blocks = [DCGANDownBlock(cfg.channels, widths[sizes[0]], use_sn, cfg.init)]
-            blocks += [DCGANDownBlock(widths[2 * s], widths[s], use_sn, cfg.init) for s in sizes[1:]]
-            self.head = sn(nn.Conv2d(widths[4], 1, 4), last_sn, cfg.init)  # 4x4 -> 1x1, as in the port
+        validate_model(config)
+        self.config = config
+        resolution, base_width, use_sn = config.resolution, config.d_ch, config.d_spectral_norm
+        last_sn = use_sn and config.sn_last_layer
+        sizes = config.d_sizes()  # resolution/2, ..., 4
+        if config.arch == "dcgan":
+            widths = {size: base_width * min(8, resolution // (2 * size)) for size in sizes}
+            blocks = [DCGANDownBlock(config.channels, widths[sizes[0]], use_sn, config.init)]
+            blocks += [DCGANDownBlock(widths[2 * size], widths[size], use_sn, config.init) for size in sizes[1:]]
+            self.head = sn(nn.Conv2d(widths[4], 1, 4), last_sn, config.init)  # 4x4 -> 1x1, as in the port
         else:
-            widths = {s: ch * min(16, res // (2 * s)) for s in sizes}
-            blocks = [ResDownBlock(cfg.channels, widths[sizes[0]], use_sn, cfg.init, first=True)]
-            blocks += [ResDownBlock(widths[2 * s], widths[s], use_sn, cfg.init) for s in sizes[1:]]
-            blocks += [ResDownBlock(widths[4], widths[4], use_sn, cfg.init, down=False)]
-            self.head = sn(nn.Linear(widths[4], 1), last_sn, cfg.init)
+            widths = {size: base_width * min(16, resolution // (2 * size)) for size in sizes}
+            blocks = [ResDownBlock(config.channels, widths[sizes[0]], use_sn, config.init, first=True)]
+            blocks += [ResDownBlock(widths[2 * size], widths[size], use_sn, config.init) for size in sizes[1:]]
+            blocks += [ResDownBlock(widths[4], widths[4], use_sn, config.init, down=False)]
+            self.head = sn(nn.Linear(widths[4], 1), last_sn, config.init)
         self.blocks = nn.ModuleList(blocks)
-        self.attention = _attention(cfg.d_attention, widths, cfg, use_sn)
+        self.attention = _attention(config.d_attention, widths, config, use_sn)
         self.stages = _stages(self.blocks, sizes, self.attention)
         # projection discriminator (Miyato & Koyama 2018): + <embed(y), phi(x)>
-        self.embed = sn(nn.Embedding(cfg.num_classes, widths[4]), use_sn, cfg.init) if cfg.num_classes else None
+        self.embed = (sn(nn.Embedding(config.num_classes, widths[4]), use_sn, config.init) if config.num_classes
+                      else None)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         _check_labels(y, self.config.num_classes)
@@ -140,13 +144,13 @@ class Discriminator(nn.Module):
 
 def attention_layers(model: nn.Module) -> dict[str, SelfAttention]:
     """Every SelfAttention in a model, by qualified name (e.g. 'attention.32')."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, SelfAttention)}
+    return {name: module for name, module in model.named_modules() if isinstance(module, SelfAttention)}
 
 
 def gammas(model: nn.Module) -> dict[str, float]:
     """Each attention layer's gamma: how much the network has chosen to use non-local evidence."""
-    return {name: float(m.gamma.detach()) for name, m in attention_layers(model).items()}
+    return {name: float(layer.gamma.detach()) for name, layer in attention_layers(model).items()}
 
 
-def build_models(cfg: ModelConfig) -> tuple[Generator, Discriminator]:
-    return Generator(cfg), Discriminator(cfg)
+def build_models(config: ModelConfig) -> tuple[Generator, Discriminator]:
+    return Generator(config), Discriminator(config)

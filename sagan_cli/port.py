@@ -62,12 +62,12 @@ def load_port_state(path: str | Path, option: str) -> dict[str, torch.Tensor]:
         raise UserError(f"{option} {path} is not a PyTorch checkpoint that can be loaded safely ({detail})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise UserError(f"{option} {path} is not a PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, dict) or not state or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise UserError(
             f"{option} {path} is not a state dict (a dict of tensors); the port saves one with "
             "torch.save(model.state_dict(), path)"
         )
-    if all(k.startswith("module.") for k in state):  # saved from nn.DataParallel
+    if all(key.startswith("module.") for key in state):  # saved from nn.DataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
@@ -125,13 +125,13 @@ def port_sigma(weight: torch.Tensor, u: torch.Tensor) -> float:
 def set_spectral_norm(module: nn.Module, weight: torch.Tensor, sigma: float) -> None:
     """Load `weight` into a spectral-norm-parametrised module so that its eval-mode weight is weight / sigma."""
     param = module.parametrizations.weight
-    sn = param[0]
-    mat = sn._reshape_weight_to_matrix(weight.double())  # torch's layout (dim 1 for transposed convs)
+    norm = param[0]
+    mat = norm._reshape_weight_to_matrix(weight.double())  # torch's layout (dim 1 for transposed convs)
     left, singular, right = torch.linalg.svd(mat, full_matrices=False)
     with torch.no_grad():
         param.original.copy_(weight)
-        sn._v.copy_(right[0])
-        sn._u.copy_(left[:, 0] * (sigma / float(singular[0])))
+        norm._v.copy_(right[0])
+        norm._u.copy_(left[:, 0] * (sigma / float(singular[0])))
 
 
 def _copy(target: torch.Tensor, source: torch.Tensor, name: str, option: str) -> None:
@@ -165,29 +165,30 @@ def _attention(layer: nn.Module, state: dict, prefix: str, option: str, network:
     _copy(layer.gamma, _need(state, f"{prefix}.gamma", option, network), f"{prefix}.gamma", option)
 
 
-def generator_from_port(state: dict, cfg: ModelConfig) -> Generator:
-    g = Generator(cfg).eval()
+def generator_from_port(state: dict, config: ModelConfig) -> Generator:
+    generator = Generator(config).eval()
     for i in range(4):
-        _sn_layer(g.blocks[i].conv, state, f"l{i + 1}.0", "--g", "generator")
-        bn = g.blocks[i].bn.bn
+        _sn_layer(generator.blocks[i].conv, state, f"l{i + 1}.0", "--g", "generator")
+        batch_norm = generator.blocks[i].bn.bn
         for key in BN_KEYS:
-            _copy(getattr(bn, key), _need(state, f"l{i + 1}.1.{key}", "--g", "generator"), f"l{i + 1}.1.{key}", "--g")
+            _copy(getattr(batch_norm, key), _need(state, f"l{i + 1}.1.{key}", "--g", "generator"),
+                  f"l{i + 1}.1.{key}", "--g")
     for name, size in G_ATTENTION.items():
-        _attention(g.attention[str(size)], state, name, "--g", "generator")
-    _copy(g.to_rgb.weight, _need(state, "last.0.weight", "--g", "generator"), "last.0.weight", "--g")
-    _copy(g.to_rgb.bias, _need(state, "last.0.bias", "--g", "generator"), "last.0.bias", "--g")
-    return g
+        _attention(generator.attention[str(size)], state, name, "--g", "generator")
+    _copy(generator.to_rgb.weight, _need(state, "last.0.weight", "--g", "generator"), "last.0.weight", "--g")
+    _copy(generator.to_rgb.bias, _need(state, "last.0.bias", "--g", "generator"), "last.0.bias", "--g")
+    return generator
 
 
-def discriminator_from_port(state: dict, cfg: ModelConfig) -> Discriminator:
-    d = Discriminator(cfg).eval()
+def discriminator_from_port(state: dict, config: ModelConfig) -> Discriminator:
+    discriminator = Discriminator(config).eval()
     for i in range(4):
-        _sn_layer(d.blocks[i].conv, state, f"l{i + 1}.0", "--d", "discriminator")
+        _sn_layer(discriminator.blocks[i].conv, state, f"l{i + 1}.0", "--d", "discriminator")
     for name, size in D_ATTENTION.items():
-        _attention(d.attention[str(size)], state, name, "--d", "discriminator")
-    _copy(d.head.weight, _need(state, "last.0.weight", "--d", "discriminator"), "last.0.weight", "--d")
-    _copy(d.head.bias, _need(state, "last.0.bias", "--d", "discriminator"), "last.0.bias", "--d")
-    return d
+        _attention(discriminator.attention[str(size)], state, name, "--d", "discriminator")
+    _copy(discriminator.head.weight, _need(state, "last.0.weight", "--d", "discriminator"), "last.0.weight", "--d")
+    _copy(discriminator.head.bias, _need(state, "last.0.bias", "--d", "discriminator"), "last.0.bias", "--d")
+    return discriminator
 
 
 def import_port(g_path: str | Path | None, d_path: str | Path | None, out_dir: str | Path) -> list[Path]:
@@ -196,12 +197,12 @@ def import_port(g_path: str | Path | None, d_path: str | Path | None, out_dir: s
         raise UserError("give --g G.pth and/or --d D.pth (state dicts saved by the port)")
     g_state = load_port_state(g_path, "--g") if g_path is not None else None
     d_state = load_port_state(d_path, "--d") if d_path is not None else None
-    cfg = port_config(g_state, d_state)
+    config = port_config(g_state, d_state)
     models = []
     if g_state is not None:
-        models.append(("g.safetensors", generator_from_port(g_state, cfg)))
+        models.append(("g.safetensors", generator_from_port(g_state, config)))
     if d_state is not None:
-        models.append(("d.safetensors", discriminator_from_port(d_state, cfg)))
+        models.append(("d.safetensors", discriminator_from_port(d_state, config)))
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a folder")
@@ -210,7 +211,7 @@ def import_port(g_path: str | Path | None, d_path: str | Path | None, out_dir: s
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, model in models:
             written.append(save_model(out_dir / name, model, step=0, recipe="import-port"))
-        recipe = recipe_from_dict({"model": cfg.to_dict()}, name="import-port")
+        recipe = recipe_from_dict({"model": config.to_dict()}, name="import-port")
         (out_dir / "config.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
     except OSError as exc:
         raise UserError(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder") from None

@@ -70,8 +70,8 @@ def read_log(path: Path) -> RunLog:
             if key == "step":
                 continue
             if isinstance(value, dict):  # gamma, structure, eval
-                for sub, v in value.items():
-                    add(f"{key}/{sub}", step, v)
+                for sub_key, sub_value in value.items():
+                    add(f"{key}/{sub_key}", step, sub_value)
             else:
                 add(key, step, value)
     return RunLog(dict(series), last, skipped)
@@ -92,10 +92,11 @@ def curve_panels(log: RunLog) -> list[dict]:
 
     groups: list[tuple[str, list[str], str]] = []
     for title, keys, ylabel in PANELS:
-        names = [n for n in log.series if any(n == k or (k.endswith("/") and n.startswith(k)) for k in keys)]
+        names = [name for name in log.series
+                 if any(name == key or (key.endswith("/") and name.startswith(key)) for key in keys)]
         groups.append((title, sorted(names), ylabel))
     for prefix, title in (("eval/", "Evaluation"), ("structure/", "Structure")):
-        for name in sorted(n for n in log.series if n.startswith(prefix)):
+        for name in sorted(series_name for series_name in log.series if series_name.startswith(prefix)):
             groups.append((f"{title}: {name[len(prefix):]}", [name], name[len(prefix):]))
     panels = []
     for title, names, ylabel in groups:
@@ -132,8 +133,8 @@ def sample_grids(folder: Path) -> list[dict]:
         if not match:
             continue
         try:
-            with Image.open(path) as img:
-                img.load()
+            with Image.open(path) as picture:
+                picture.load()
             data = path.read_bytes()
         except (OSError, SyntaxError, ValueError):
             continue
@@ -167,11 +168,11 @@ def explorer_subjects(run_dir: Path, recipe: dict | None, *, images, samples: in
         notes.append("no g.safetensors yet (training writes it at its first checkpoint)")
     if d_path.is_file():
         discriminator, _ = load_model(d_path, expect="discriminator", device=device)
-        cfg = discriminator.config
+        config = discriminator.config
         dataset = None
         if dataset_images > 0 and recipe is not None:
-            dataset = _dataset(run_dir / "config.json", cfg.resolution, cfg.num_classes, notes)
-        pictures = real_images(images, dataset, dataset_images, cfg.resolution)
+            dataset = _dataset(run_dir / "config.json", config.resolution, config.num_classes, notes)
+        pictures = real_images(images, dataset, dataset_images, config.resolution)
         subjects += discriminator_subjects(discriminator, pictures)
     else:
         if images:
@@ -179,7 +180,7 @@ def explorer_subjects(run_dir: Path, recipe: dict | None, *, images, samples: in
         notes.append("no d.safetensors yet (training writes it at its first checkpoint)")
     if not subjects and not notes:
         notes.append("this model has no self-attention layers")
-    return [asdict(s) for s in subjects], notes
+    return [asdict(subject) for subject in subjects], notes
 
 
 def _dataset(config_path: Path, resolution: int, num_classes: int, notes: list[str]):
@@ -219,12 +220,12 @@ def build_report(
     check_writable(out, "--out")
     if samples < 0 or dataset_images < 0:
         raise UserError("--samples and --dataset-images must be >= 0")
-    dev = resolve_device(device)
+    torch_device = resolve_device(device)
     log = read_log(run_dir / "metrics.jsonl")
     recipe_text, recipe = _recipe_text(run_dir)
     grids = sample_grids(run_dir / "samples")
     subjects, notes = explorer_subjects(run_dir, recipe, images=list(images or []), samples=samples,
-                                        dataset_images=dataset_images, seed=seed, device=dev)
+                                        dataset_images=dataset_images, seed=seed, device=torch_device)
     from matplotlib import colormaps
 
     lut = (colormaps["inferno"](range(256))[:, :3] * 255).round().astype("uint8")

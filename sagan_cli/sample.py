@@ -35,23 +35,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise UserError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device} asked for CUDA, but no CUDA GPU is available; use --device cpu")
-    return dev
+    return resolved
 
 
 def make_noise(n: int, z_dim: int, *, seed: int, truncation: float | None = None) -> torch.Tensor:
     """[n, z_dim] standard normal noise; with `truncation` T every entry is redrawn into [-T, T]."""
-    gen = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     if truncation is None:
-        return torch.randn(n, z_dim, generator=gen)
+        return torch.randn(n, z_dim, generator=rng)
     if not truncation > 0:
         raise UserError(f"--truncation must be > 0 (e.g. 0.5 or 1.0), got {truncation}")
     z = torch.empty(n, z_dim)
-    return nn.init.trunc_normal_(z, 0.0, 1.0, -truncation, truncation, generator=gen)
+    return nn.init.trunc_normal_(z, 0.0, 1.0, -truncation, truncation, generator=rng)
 
 
 def make_labels(n: int, num_classes: int, classes: int | Sequence[int] | None) -> torch.Tensor | None:
@@ -108,9 +108,9 @@ def iter_generate(
     try:
         with torch.inference_mode(), parametrize.cached():
             for start in range(0, z.shape[0], batch_size):
-                zb = z[start : start + batch_size].to(device, non_blocking=True)
-                yb = None if labels is None else labels[start : start + batch_size].to(device)
-                yield to_uint8(generator(zb, yb)).cpu()
+                noise_batch = z[start : start + batch_size].to(device, non_blocking=True)
+                label_batch = None if labels is None else labels[start : start + batch_size].to(device)
+                yield to_uint8(generator(noise_batch, label_batch)).cpu()
     finally:
         generator.train(was_training)
 
@@ -137,12 +137,12 @@ def generate(
     `device` defaults to the generator's own device; the generator is moved there if needed.
     """
     _check_counts(n, batch_size)
-    cfg = generator.config
-    dev = next(generator.parameters()).device if device is None else resolve_device(device)
-    generator.to(dev)
-    z = make_noise(n, cfg.z_dim, seed=seed, truncation=truncation)
-    labels = make_labels(n, cfg.num_classes, classes)
-    images = torch.cat(list(iter_generate(generator, z, labels, batch_size=batch_size, device=dev)))
+    config = generator.config
+    torch_device = next(generator.parameters()).device if device is None else resolve_device(device)
+    generator.to(torch_device)
+    z = make_noise(n, config.z_dim, seed=seed, truncation=truncation)
+    labels = make_labels(n, config.num_classes, classes)
+    images = torch.cat(list(iter_generate(generator, z, labels, batch_size=batch_size, device=torch_device)))
     return images, labels
 
 
@@ -157,8 +157,8 @@ def grid_image(images: torch.Tensor) -> Image.Image:
     return to_pil(grid[: images.shape[1]])  # make_grid repeats one channel to three
 
 
-def _save_png(img: Image.Image, path: Path) -> None:
-    atomic_write(path, lambda tmp: img.save(tmp, format="png", compress_level=PNG_LEVEL))
+def _save_png(image: Image.Image, path: Path) -> None:
+    atomic_write(path, lambda tmp: image.save(tmp, format="png", compress_level=PNG_LEVEL))
 
 
 def _write_pngs(batch: torch.Tensor, start: int, out_dir: Path) -> None:
@@ -199,24 +199,25 @@ def sample_images(
     _check_counts(n, batch_size)
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    dev = resolve_device(device)
-    generator, _ = load_model(ckpt_path, expect="generator", device=dev)
+    torch_device = resolve_device(device)
+    generator, _ = load_model(ckpt_path, expect="generator", device=torch_device)
     generator.to(memory_format=torch.channels_last)  # measured 1.5-2x faster convolutions on CPU
-    cfg = generator.config
-    z = make_noise(n, cfg.z_dim, seed=seed, truncation=truncation)
-    labels = make_labels(n, cfg.num_classes, classes)
+    config = generator.config
+    z = make_noise(n, config.z_dim, seed=seed, truncation=truncation)
+    labels = make_labels(n, config.num_classes, classes)
     out_dir = Path(out_dir)
     _prepare_out(out_dir)
 
     picks = grid_indices(n)
     shown: list[torch.Tensor] = []
-    everything = np.empty((n, cfg.resolution, cfg.resolution, cfg.channels), np.uint8) if fmt == "npz" else None
+    everything = (np.empty((n, config.resolution, config.resolution, config.channels), np.uint8) if fmt == "npz"
+                  else None)
     pending: deque[Future] = deque()
     pool = ThreadPoolExecutor(WRITERS) if fmt == "png" else None
     try:
         with pool or nullcontext():
             start = 0
-            for batch in iter_generate(generator, z, labels, batch_size=batch_size, device=dev):
+            for batch in iter_generate(generator, z, labels, batch_size=batch_size, device=torch_device):
                 end = start + batch.shape[0]
                 shown.append(batch[picks[(picks >= start) & (picks < end)] - start])
                 if everything is not None:
@@ -244,5 +245,5 @@ def sample_images(
 
 
 def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
-    with open(tmp, "wb") as f:  # a file object, or numpy would append ".npz" to the temporary name
-        np.savez(f, **arrays)
+    with open(tmp, "wb") as handle:  # a file object, or numpy would append ".npz" to the temporary name
+        np.savez(handle, **arrays)

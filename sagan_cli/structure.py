@@ -45,8 +45,8 @@ def find_blobs(image: np.ndarray) -> np.ndarray:
     keep = np.flatnonzero(sizes >= max(1, round(MIN_PIXELS_32 * h * w / 32**2))) + 1
     if len(keep) == 0:
         return np.zeros((0, 2))
-    yx = np.array(ndimage.center_of_mass(mask, labels, keep))
-    return yx[:, ::-1]
+    centroids_yx = np.array(ndimage.center_of_mass(mask, labels, keep))
+    return centroids_yx[:, ::-1]
 
 
 def is_valid(centroids: np.ndarray, width: int, blobs_per_side: int) -> bool:
@@ -68,11 +68,11 @@ def symmetry_ratio(image: np.ndarray, has_blobs: bool) -> float:
     """
     if not has_blobs:
         return 1.0
-    lr = float(np.abs(image - image[:, ::-1]).mean())
-    ud = float(np.abs(image - image[::-1]).mean())
-    if ud == 0:
-        return 1.0 if lr == 0 else MAX_RATIO
-    return min(lr / ud, MAX_RATIO)
+    left_right_error = float(np.abs(image - image[:, ::-1]).mean())
+    up_down_error = float(np.abs(image - image[::-1]).mean())
+    if up_down_error == 0:
+        return 1.0 if left_right_error == 0 else MAX_RATIO
+    return min(left_right_error / up_down_error, MAX_RATIO)
 
 
 def score_images(images: torch.Tensor | np.ndarray,
