@@ -21,13 +21,13 @@ from sagan_cli.config import DataConfig, load_recipe, recipe_from_json
 from sagan_cli.data import build_dataset, open_image
 from sagan_cli.errors import UserError, check_writable
 from sagan_cli.features import classifier_space
+from sagan_cli.inception import find_inception_weights
 from sagan_cli.metrics import (
     CLASSIFIER_METRICS,
     INCEPTION_METRICS,
     EvalResult,
     UInt8Images,
     evaluate,
-    find_inception_weights,
     parse_metrics,
 )
 from sagan_cli.sample import resolve_device

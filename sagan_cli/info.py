@@ -43,7 +43,7 @@ def system_info() -> dict[str, Any]:
                 "capability": f"{props.major}.{props.minor}",
             })
     info["mps"] = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    from sagan_cli.metrics import find_inception_weights
+    from sagan_cli.inception import find_inception_weights
 
     try:
         weights = find_inception_weights()

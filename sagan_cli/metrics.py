@@ -14,12 +14,9 @@ The synthetic data also gets the structure checker's scores, which need no weigh
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,6 @@ import torch
 import torch_fidelity
 from torch import nn
 from torch.utils.data import Dataset
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torch_fidelity.generative_model_modulewrapper import GenerativeModelModuleWrapper
 from torch_fidelity.noise import random_normal
 
@@ -46,13 +42,11 @@ from sagan_cli.features import (
     fidelity_metrics,
     reference_features,
 )
+from sagan_cli.inception import OFFICIAL_SHA256_PREFIX, InceptionWeights, find_inception_weights
 from sagan_cli.sample import to_uint8
 from sagan_cli.structure import score_images
 
 FEATURE_EXTRACTOR = "inception-v3-compat"  # also for precision/recall: torch-fidelity's default there is VGG16 (a download)
-INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[1]
-OFFICIAL_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[1].split(".")[0]  # torch hub names files NAME-<sha256[:8]>.pth
-WEIGHTS_ENV = "SAGAN_INCEPTION_WEIGHTS"
 INCEPTION_METRICS = ("fid", "isc", "kid", "prc")
 CLASSIFIER_METRICS = ("classifier_fid", "classifier_kid", "classifier_prc", "gan_test")
 ALL_METRICS = (*INCEPTION_METRICS, *CLASSIFIER_METRICS, "structure")
@@ -62,75 +56,16 @@ PRC_NEIGHBORHOOD = 3
 MIN_SAMPLES = PRC_NEIGHBORHOOD + 2  # precision/recall needs more points than neighbours
 
 
-@dataclass(frozen=True)
-class InceptionWeights:
-    path: Path
-    sha256: str
-
-
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
     protocol: dict[str, Any] = field(default_factory=dict)
 
 
-def hub_weights_path() -> Path:
-    """Where torch-fidelity itself would cache the downloaded file (honours $TORCH_HOME)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-
-
-def missing_weights_message() -> str:
-    return (f"no Inception weights: download {URL_INCEPTION_V3} and pass --inception-weights FILE "
-            f"(or set {WEIGHTS_ENV}=FILE, or save it as {hub_weights_path()}); "
-            "`--metrics structure` needs no weights (synthetic data)")
-
-
-def find_inception_weights(path: str | Path | None = None) -> InceptionWeights:
-    """The flag's file, else $SAGAN_INCEPTION_WEIGHTS, else torch-fidelity's hub cache; never downloads."""
-    if path in (None, ""):
-        path = os.environ.get(WEIGHTS_ENV) or None
-    if path is None:
-        if not hub_weights_path().is_file():
-            raise UserError(missing_weights_message())
-        path = hub_weights_path()
-    path = Path(path).expanduser().absolute()
-    if not path.is_file():
-        raise UserError(f"Inception weights {path} do not exist; {missing_weights_message()}")
-    st = path.stat()
-    return InceptionWeights(path, _check_weights(str(path), st.st_size, st.st_mtime_ns))
-
-
-@lru_cache(maxsize=4)
-def _check_weights(path: str, size: int, mtime_ns: int) -> str:
-    """SHA-256 of a readable Inception state dict (cached per file version: training evaluates often).
-
-    Loaded with weights_only=True first, so a hostile pickle never runs, and a wrong or damaged file
-    is a one-line error here instead of a traceback inside torch-fidelity.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a damaged or non-weights file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise UserError(f"Inception weights {path} are not a readable PyTorch weights file ({first}); "
-                        f"download them again from {URL_INCEPTION_V3}") from None
-    probes = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
-              "fc.weight": (1008, 2048)}
-    for key, shape in probes.items():
-        value = state.get(key) if isinstance(state, dict) else None
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
-            raise UserError(f"{path} is not torch-fidelity's Inception-v3 state dict ({key} missing or mis-shaped); "
-                            f"download {URL_INCEPTION_V3}")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def parse_metrics(metrics: str | list[str] | tuple[str, ...], data: DataConfig) -> list[str]:
     """Validated, ordered metric names; synthetic data always adds `structure` (it is free)."""
-    names = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics)]
-    names = [m for m in names if m]
+    names = [metric.strip().lower() for metric in (metrics.split(",") if isinstance(metrics, str) else metrics)]
+    names = [metric for metric in names if metric]
     for name in names:
         if name not in ALL_METRICS:
             raise UserError(f"--metrics: unknown metric {name!r}; choose from {','.join(ALL_METRICS)}")
@@ -138,7 +73,7 @@ def parse_metrics(metrics: str | list[str] | tuple[str, ...], data: DataConfig) 
         raise UserError("--metrics structure scores only the built-in synthetic data (data.kind = 'synthetic'); drop it")
     if data.kind == "synthetic":
         names.append("structure")
-    chosen = [m for m in ALL_METRICS if m in names]
+    chosen = [metric for metric in ALL_METRICS if metric in names]
     if not chosen:
         raise UserError(f"--metrics is empty; choose from {','.join(ALL_METRICS)}")
     return chosen
@@ -151,13 +86,13 @@ def inception_space(weights: InceptionWeights) -> FeatureSpace:
 def check_evaluation(recipe: Recipe) -> None:
     """What training checks before step 1: the metric names, the Inception weights, the classifier."""
     chosen = parse_metrics(recipe.eval.metrics, recipe.data)
-    if any(m in INCEPTION_METRICS for m in chosen):
+    if any(metric in INCEPTION_METRICS for metric in chosen):
         find_inception_weights(recipe.eval.inception_weights or None)
-    if any(m in CLASSIFIER_METRICS for m in chosen):
+    if any(metric in CLASSIFIER_METRICS for metric in chosen):
         _, info = classifier_space(recipe.eval.classifier or None)
-        m = recipe.model
-        check_classifier(info, resolution=m.resolution, channels=getattr(m, "channels", 3),
-                         num_classes=m.num_classes, gan_test="gan_test" in chosen, labelled=m.num_classes > 0)
+        model = recipe.model
+        check_classifier(info, resolution=model.resolution, channels=getattr(model, "channels", 3),
+                         num_classes=model.num_classes, gan_test="gan_test" in chosen, labelled=model.num_classes > 0)
 
 
 class _Sampler(nn.Module):
@@ -252,10 +187,10 @@ def _spaces(chosen: list[str], inception_weights: str | Path | None,
             classifier: str | Path | None) -> list[tuple[FeatureSpace, list[str], ClassifierInfo | None]]:
     """(feature space, its metrics without prefix, classifier info) for each space the metrics need."""
     spaces = []
-    inception = [m for m in chosen if m in INCEPTION_METRICS]
+    inception = [metric for metric in chosen if metric in INCEPTION_METRICS]
     if inception:
         spaces.append((inception_space(find_inception_weights(inception_weights)), inception, None))
-    wanted = [m.removeprefix("classifier_") for m in chosen if m in CLASSIFIER_METRICS]
+    wanted = [metric.removeprefix("classifier_") for metric in chosen if metric in CLASSIFIER_METRICS]
     if wanted:
         space, info = classifier_space(classifier)
         spaces.append((space, wanted, info))
@@ -283,121 +218,140 @@ def evaluate(source: nn.Module | UInt8Images, data: DataConfig, resolution: int,
     """
     chosen = parse_metrics(metrics, data)
     spaces = _spaces(chosen, inception_weights, classifier)  # bad weights or classifier fail before any work
-    is_generator = isinstance(source, nn.Module)
-    if is_generator:
+    if isinstance(source, nn.Module):
         num_classes = source.config.num_classes
         n = num_samples if num_samples is not None else 10000
-        dev = torch.device(device) if device is not None else next(source.parameters()).device
+        device = torch.device(device) if device is not None else next(source.parameters()).device
     else:
         n = min(num_samples, len(source)) if num_samples is not None else len(source)
-        dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         labels = labels[:n] if labels is not None else None
+    _check_inputs(spaces, source, n=n, batch_size=batch_size, resolution=resolution, num_classes=num_classes,
+                  labels=labels)
+    started = time.perf_counter()
+    protocol: dict[str, Any] = {"num_samples": n, "image_size": resolution, "seed": seed, "device": device.type,
+                                "metrics": chosen, "sagan": __version__}
+    reference = _Reference(replace(data, hflip=False), resolution, reference_count or n,
+                           reference_classes(data, num_classes or 0))
+    values: dict[str, float] = {}
+    keep = "structure" in chosen  # the structure checker scores the very images the feature spaces saw
+    kept: torch.Tensor | None = None
+    for space, wanted, _ in spaces:
+        scores, images = _score(space, wanted, source, n=n, labels=labels, reference=reference, device=device,
+                                batch_size=batch_size, seed=seed, verbose=verbose, keep=keep and kept is None,
+                                protocol=protocol)
+        values.update(scores)
+        kept = images if kept is None else kept
+    if keep:
+        kept = kept if kept is not None else _images_for_structure(source, n=n, batch_size=batch_size, seed=seed)
+        scores = score_images(kept, blobs_per_side=data.synthetic_blobs_per_side)
+        values.update({f"structure_{key}": value for key, value in scores.items()})
+    protocol["seconds"] = round(time.perf_counter() - started, 2)
+    return EvalResult(values, protocol)
+
+
+def _check_inputs(spaces, source: nn.Module | UInt8Images, *, n: int, batch_size: int, resolution: int,
+                  num_classes: int | None, labels: torch.Tensor | None) -> None:
+    """Refuse, before any work, what would fail (or mean nothing) after minutes of feature extraction."""
     if n < MIN_SAMPLES or batch_size < 1:
         raise UserError(f"-n must be >= {MIN_SAMPLES} (got {n}) and --batch-size >= 1 (got {batch_size})")
+    is_generator = isinstance(source, nn.Module)
     for _, wanted, info in spaces:
         if info is not None:
             channels = getattr(source.config, "channels", 3) if is_generator else None
             classes = num_classes if is_generator else _label_classes(labels, info.config.num_classes)
             check_classifier(info, resolution=resolution, channels=channels, num_classes=classes or 0,
                              gan_test="gan_test" in wanted, labelled=bool(classes))
-    if any(m in ("fid", "kid", "prc") for _, wanted, _ in spaces for m in wanted):
+    if any(metric in ("fid", "kid", "prc") for _, wanted, _ in spaces for metric in wanted):
         check_cache_writable()
-    started = time.perf_counter()
-    protocol: dict[str, Any] = {"num_samples": n, "image_size": resolution, "seed": seed, "device": dev.type,
-                                "metrics": chosen, "sagan": __version__}
-    reference = _Reference(replace(data, hflip=False), resolution, reference_count or n,
-                           reference_classes(data, num_classes or 0))
-    values: dict[str, float] = {}
-    kept: torch.Tensor | None = None
-    keep = "structure" in chosen
-    if is_generator and keep and not spaces:
-        sampler = _Sampler(source, seed, keep=True)
-        was_training = source.training
-        try:
-            source.eval()
-            _draw(sampler, n, batch_size, seed)
-        finally:
-            source.train(was_training)
-        kept = torch.cat(sampler.kept)
-    for space, wanted, _ in spaces:
-        scores, images = _score(space, wanted, source, n=n, labels=labels, reference=reference, device=dev,
-                                batch_size=batch_size, seed=seed, verbose=verbose, keep=keep and kept is None,
-                                protocol=protocol)
-        values.update(scores)
-        kept = images if kept is None else kept
-    if keep and kept is None:
-        kept = UInt8Images(source.source, source.indices[:n]).stack()
-    if kept is not None:
-        scores = score_images(kept, blobs_per_side=data.synthetic_blobs_per_side)
-        values.update({f"structure_{k}": v for k, v in scores.items()})
-    protocol["seconds"] = round(time.perf_counter() - started, 2)
-    return EvalResult(values, protocol)
+
+
+def _images_for_structure(source: nn.Module | UInt8Images, *, n: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The n images the structure checker scores when no feature space drew them already."""
+    if not isinstance(source, nn.Module):
+        return UInt8Images(source.source, source.indices[:n]).stack()
+    sampler = _Sampler(source, seed, keep=True)
+    was_training = source.training
+    try:
+        source.eval()
+        _draw(sampler, n, batch_size, seed)
+    finally:
+        source.train(was_training)
+    return torch.cat(sampler.kept)
 
 
 def _score(space: FeatureSpace, wanted: list[str], source: nn.Module | UInt8Images, *, n: int,
            labels: torch.Tensor | None, reference: _Reference, device: torch.device, batch_size: int, seed: int,
            verbose: bool, keep: bool, protocol: dict[str, Any]) -> tuple[dict[str, float], torch.Tensor | None]:
     """One feature space's metrics (and, with `keep`, the generated images); records its protocol."""
-    dev = device
-    cuda = dev.type == "cuda"
-    layers = [space.layers[m] for m in wanted if m in space.layers] + (["logits"] if "gan_test" in wanted else [])
-    kept = None
-    with torch.cuda.device(dev) if cuda else nullcontext():  # torch-fidelity's .cuda() means the current device
+    cuda = device.type == "cuda"
+    layers = [space.layers[metric] for metric in wanted if metric in space.layers]
+    layers += ["logits"] if "gan_test" in wanted else []
+    paired = [metric for metric in wanted if metric in ("fid", "kid", "prc")]  # against the reference set
+    options = dict(batch_size=batch_size, cuda=cuda, verbose=verbose)
+    with torch.cuda.device(device) if cuda else nullcontext():  # torch-fidelity's .cuda() means the current device
         extractor = space.create(layers, cuda, verbose)
-        if isinstance(source, nn.Module):
-            sampler = _Sampler(source, seed, keep=keep)  # a fresh one per space: the same labels in each
-            wrapped = GenerativeModelModuleWrapper(sampler, source.config.z_dim, "normal", 0, make_eval=True)
-            was_training = source.training
-            try:
-                features = extract(wrapped, extractor, num_samples=n, batch_size=batch_size, cuda=cuda, seed=seed,
-                                   verbose=verbose)
-            finally:
-                source.train(was_training)
-            labels = torch.cat(sampler.drawn) if sampler.drawn else None
-            kept = torch.cat(sampler.kept) if keep else None
-        else:
-            images = UInt8Images(source.source, source.indices[:n])
-            features = extract(images, extractor, num_samples=n, batch_size=batch_size, cuda=cuda, seed=seed,
-                               verbose=verbose)
-            kept = images.stack() if keep else None
-        binary = [m for m in wanted if m in ("fid", "kid", "prc")]
+        features, drawn_labels, kept = _features(extractor, source, n=n, seed=seed, keep=keep, **options)
+        labels = drawn_labels if isinstance(source, nn.Module) else labels
         ref_features, cache = None, None
-        if binary:
+        if paired:
             identity = dataset_identity(reference.data, reference.resolution, reference.num_classes)
             definition = f"{identity}|{reference.resolution}|{reference.num_classes}|{reference.count}"
-            ref_features, cache = reference_features(space, [space.layers[m] for m in binary], definition,
-                                                     lambda: reference, batch_size=batch_size, cuda=cuda,
-                                                     verbose=verbose)
-            ref_count = len(next(iter(ref_features.values())))
-            protocol.update({"num_reference": ref_count, "dataset": identity,
+            ref_features, cache = reference_features(space, [space.layers[metric] for metric in paired], definition,
+                                                     lambda: reference, **options)
+            protocol.update({"num_reference": len(next(iter(ref_features.values()))), "dataset": identity,
                              "reference_num_classes": reference.num_classes})
     settings = {
         "isc_splits": max(1, min(10, n // 100)),  # splits of >= 100 images: a 1-image split always scores 1
         "kid_subsets": KID_SUBSETS,
-        "kid_subset_size": min(1000, n, ref_count) if binary else None,
+        "kid_subset_size": min(1000, n, protocol["num_reference"]) if paired else None,
         "prc_neighborhood": PRC_NEIGHBORHOOD,
     }
-    values = fidelity_metrics(features, ref_features, space, [m for m in wanted if m in INCEPTION_METRICS],
-                              rng_seed=seed, save_cpu_ram=True, verbose=verbose,
-                              **{k: v for k, v in settings.items() if v is not None})
+    fidelity_names = [metric for metric in wanted if metric in INCEPTION_METRICS]  # gan_test is ours
+    values = fidelity_metrics(features, ref_features, space, fidelity_names, rng_seed=seed, save_cpu_ram=True,
+                              verbose=verbose, **{key: value for key, value in settings.items() if value is not None})
     if "gan_test" in wanted:
         hits = features["logits"].argmax(1).cpu() == labels
         values["gan_test_accuracy"] = hits.sum().item() / len(hits)
-    if space.extractor == FEATURE_EXTRACTOR:
-        weights = space.weights_path
-        protocol.update({
-            "reference_cache": str(cache) if cache else None,
-            "feature_extractor": FEATURE_EXTRACTOR,
-            "feature_extractor_input_size": 299,
-            "feature_extractor_weights": str(weights),
-            "feature_extractor_weights_sha256": space.weights_sha256,
-            "feature_extractor_weights_official": space.weights_sha256.startswith(OFFICIAL_SHA256_PREFIX),
-            **settings,
-        })
-    else:
-        protocol["classifier"] = {**space.details, "reference_cache": str(cache) if cache else None, **settings}
-    protocol["torch_fidelity"] = torch_fidelity.__version__
+    protocol.update(_space_protocol(space, cache, settings))
     return values, kept
+
+
+def _features(extractor, source: nn.Module | UInt8Images, *, n: int, seed: int, keep: bool, batch_size: int,
+              cuda: bool, verbose: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+    """The features of n images of `source`, the labels a generator drew for them, and (`keep`) the images."""
+    if not isinstance(source, nn.Module):
+        images = UInt8Images(source.source, source.indices[:n])
+        features = extract(images, extractor, num_samples=n, batch_size=batch_size, cuda=cuda, seed=seed,
+                           verbose=verbose)
+        return features, None, images.stack() if keep else None
+    sampler = _Sampler(source, seed, keep=keep)  # a fresh one per space: the same labels in each
+    wrapped = GenerativeModelModuleWrapper(sampler, source.config.z_dim, "normal", 0, make_eval=True)
+    was_training = source.training
+    try:
+        features = extract(wrapped, extractor, num_samples=n, batch_size=batch_size, cuda=cuda, seed=seed,
+                           verbose=verbose)
+    finally:
+        source.train(was_training)
+    labels = torch.cat(sampler.drawn) if sampler.drawn else None
+    return features, labels, torch.cat(sampler.kept) if keep else None
+
+
+def _space_protocol(space: FeatureSpace, cache: Path | None, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a reader needs to compare these numbers with others: extractor, weights, cache, settings."""
+    if space.extractor != FEATURE_EXTRACTOR:
+        return {"classifier": {**space.details, "reference_cache": str(cache) if cache else None, **settings},
+                "torch_fidelity": torch_fidelity.__version__}
+    return {
+        "reference_cache": str(cache) if cache else None,
+        "feature_extractor": FEATURE_EXTRACTOR,
+        "feature_extractor_input_size": 299,
+        "feature_extractor_weights": str(space.weights_path),
+        "feature_extractor_weights_sha256": space.weights_sha256,
+        "feature_extractor_weights_official": space.weights_sha256.startswith(OFFICIAL_SHA256_PREFIX),
+        **settings,
+        "torch_fidelity": torch_fidelity.__version__,
+    }
 
 
 def evaluate_generator(generator: nn.Module, recipe: Recipe, *, num_samples: int, metrics: list[str] | str,

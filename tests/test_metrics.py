@@ -203,7 +203,7 @@ def test_missing_weights_fail_fast_with_one_line(tmp_path):
 
 
 def test_weights_found_through_env_and_torch_hub(tmp_path, weights, monkeypatch):
-    from sagan_cli.metrics import INCEPTION_FILE, find_inception_weights
+    from sagan_cli.inception import INCEPTION_FILE, find_inception_weights
 
     monkeypatch.setenv("SAGAN_INCEPTION_WEIGHTS", str(weights))
     assert find_inception_weights().path == weights
