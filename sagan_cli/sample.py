@@ -10,8 +10,7 @@ import math
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from torch.nn.utils import parametrize
 from torchvision.utils import make_grid
 
 from sagan_cli.checkpoint import atomic_write, load_model
+from sagan_cli.config import ModelConfig
 from sagan_cli.errors import UserError
 
 FORMATS = ("png", "npz")
@@ -208,40 +208,67 @@ def sample_images(
     out_dir = Path(out_dir)
     _prepare_out(out_dir)
 
-    picks = grid_indices(n)
-    shown: list[torch.Tensor] = []
-    everything = (np.empty((n, config.resolution, config.resolution, config.channels), np.uint8) if fmt == "npz"
-                  else None)
-    pending: deque[Future] = deque()
-    pool = ThreadPoolExecutor(WRITERS) if fmt == "png" else None
+    files = _NpzFile(out_dir, labels, n, config) if fmt == "npz" else _PngFiles(out_dir)
+    picks, shown, done = grid_indices(n), [], 0
     try:
-        with pool or nullcontext():
-            start = 0
+        with files:
             for batch in iter_generate(generator, z, labels, batch_size=batch_size, device=torch_device):
-                end = start + batch.shape[0]
-                shown.append(batch[picks[(picks >= start) & (picks < end)] - start])
-                if everything is not None:
-                    everything[start:end] = batch.permute(0, 2, 3, 1).numpy()
-                else:
-                    pending.append(pool.submit(_write_pngs, batch, start, out_dir))
-                    while len(pending) > 2 * WRITERS:  # bound the batches waiting in memory
-                        pending.popleft().result()
-                start = end
+                shown.append(batch[picks[(picks >= done) & (picks < done + len(batch))] - done])
+                files.add(batch, done)
+                done += len(batch)
                 if on_batch is not None:
-                    on_batch(start)
-            while pending:
-                pending.popleft().result()
+                    on_batch(done)
         _save_png(grid_image(torch.cat(shown)), out_dir / "grid.png")
-        if everything is not None:
-            path = out_dir / "samples.npz"
-            label_array = (labels if labels is not None else torch.full((n,), -1)).numpy().astype(np.int64)
-            atomic_write(path, lambda tmp: _savez(tmp, {"images": everything, "labels": label_array}))
-            return path
+        return files.finish()
     except OSError as exc:
         raise UserError(
             f"writing samples to {out_dir} failed ({exc.strerror or exc}); check free space and permissions"
         ) from None
-    return out_dir
+
+
+class _PngFiles:
+    """000000.png, 000001.png, ...: written by WRITERS threads while the generator draws the next batch."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir, self.pool, self.pending = out_dir, ThreadPoolExecutor(WRITERS), deque()
+
+    def __enter__(self) -> _PngFiles:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True)
+
+    def add(self, batch: torch.Tensor, start: int) -> None:
+        self.pending.append(self.pool.submit(_write_pngs, batch, start, self.out_dir))
+        while len(self.pending) > 2 * WRITERS:  # bound the batches waiting in memory
+            self.pending.popleft().result()
+
+    def finish(self) -> Path:
+        while self.pending:
+            self.pending.popleft().result()  # a failed write raises here
+        return self.out_dir
+
+
+class _NpzFile:
+    """samples.npz: the images gathered in memory, written once (atomically) at the end."""
+
+    def __init__(self, out_dir: Path, labels: torch.Tensor | None, n: int, config: ModelConfig):
+        self.path = out_dir / "samples.npz"
+        self.images = np.empty((n, config.resolution, config.resolution, config.channels), np.uint8)
+        self.labels = (labels if labels is not None else torch.full((n,), -1)).numpy().astype(np.int64)
+
+    def __enter__(self) -> _NpzFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def add(self, batch: torch.Tensor, start: int) -> None:
+        self.images[start : start + len(batch)] = batch.permute(0, 2, 3, 1).numpy()
+
+    def finish(self) -> Path:
+        atomic_write(self.path, lambda tmp: _savez(tmp, {"images": self.images, "labels": self.labels}))
+        return self.path
 
 
 def _savez(tmp: str, arrays: dict[str, np.ndarray]) -> None:
