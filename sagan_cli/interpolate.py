@@ -112,6 +112,28 @@ def _save(out_dir: Path, stem: str, rows: list[torch.Tensor], animation: str, fr
     return [sheet_path, anim_path]
 
 
+def _check_options(*, mode: str, animation: str, steps: int, frame_ms: int, batch_size: int) -> None:
+    if mode not in MODES:
+        raise UserError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if animation not in ANIMATIONS:
+        raise UserError(f"--animation must be one of {', '.join(ANIMATIONS)}, got {animation!r}")
+    if steps < 2:
+        raise UserError(f"--steps must be >= 2 (the two endpoints and the frames between), got {steps}")
+    if frame_ms <= 0 or batch_size <= 0:
+        raise UserError("--frame-ms and --batch-size must be > 0")
+
+
+def _class_list(classes: str | None, class_: int | None, num_classes: int) -> list[int] | None:
+    """--classes as a list (None when not given), after checking it and --class against the model."""
+    if num_classes == 0 and (classes is not None or class_ is not None):
+        raise UserError("--classes/--class need a class-conditional generator; this one has num_classes = 0")
+    class_list = _parse_ints(classes, "--classes") if classes is not None else None
+    for class_index in [*(class_list or []), *([class_] if class_ is not None else [])]:
+        if not 0 <= class_index < num_classes:
+            raise UserError(f"class {class_index} is out of range: this model has classes 0-{num_classes - 1}")
+    return class_list
+
+
 def interpolate(
     ckpt: str | Path,
     out_dir: str | Path = "interpolation",
@@ -128,25 +150,13 @@ def interpolate(
     device: str | None = None,
 ) -> list[Path]:
     """Write the seed interpolation (and, with `classes`, the class interpolation); return the files."""
-    if mode not in MODES:
-        raise UserError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if animation not in ANIMATIONS:
-        raise UserError(f"--animation must be one of {', '.join(ANIMATIONS)}, got {animation!r}")
-    if steps < 2:
-        raise UserError(f"--steps must be >= 2 (the two endpoints and the frames between), got {steps}")
-    if frame_ms <= 0 or batch_size <= 0:
-        raise UserError("--frame-ms and --batch-size must be > 0")
+    _check_options(mode=mode, animation=animation, steps=steps, frame_ms=frame_ms, batch_size=batch_size)
     seed_list = _parse_ints(seeds, "--seeds")
     torch_device = resolve_device(device)
     generator, info = load_model(ckpt, expect="generator", device=torch_device)
     config = info.config
     num_classes = config.num_classes
-    if num_classes == 0 and (classes is not None or class_ is not None):
-        raise UserError("--classes/--class need a class-conditional generator; this one has num_classes = 0")
-    class_list = _parse_ints(classes, "--classes") if classes is not None else None
-    for class_index in [*(class_list or []), *([class_] if class_ is not None else [])]:
-        if not 0 <= class_index < num_classes:
-            raise UserError(f"class {class_index} is out of range: this model has classes 0-{num_classes - 1}")
+    class_list = _class_list(classes, class_, num_classes)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out {out_dir} is a file; give a folder")
