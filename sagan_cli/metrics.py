@@ -2,7 +2,7 @@
 
 torch-fidelity downloads its Inception weights on first use, assumes CUDA, crashes on numpy 2 for
 conditional generators and unpickles its own cache. So here: the Inception weights come from a
-local file (or we fail at once saying how to get one), a generator is wrapped as unconditional
+local file (`sagan_cli.inception`; or we fail at once saying how to get one), a generator is wrapped as unconditional
 with its labels drawn inside `forward`, and features go through torch-fidelity's extractors with
 the reference features cached by `sagan_cli.features` as safetensors.
 Two feature spaces: Inception (`fid`, `isc`, `kid`, `prc`) and a sagan classifier trained on the
