@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 from sagan_cli.config import Recipe
 
 
-def batch_indices(n: int, batch_size: int, seed: int, start_batch: int, rank: int, world: int) -> Iterator[list[int]]:
+def batch_indices(n: int, batch_size: int, *, seed: int, start_batch: int, rank: int,
+                  world: int) -> Iterator[list[int]]:
     """Endless batches of dataset indices: epoch e is a permutation seeded by (seed, e).
 
     Global batch b covers positions [b*B*W, (b+1)*B*W) of the concatenated epochs; rank r takes its
@@ -46,8 +47,9 @@ class Data:
         self.memory_format = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
         loader = DataLoader(
             dataset,
-            batch_sampler=batch_indices(len(dataset), recipe.train.batch_size, recipe.train.seed, start_batch,
-                                        accelerator.process_index, accelerator.num_processes),
+            batch_sampler=batch_indices(len(dataset), recipe.train.batch_size, seed=recipe.train.seed,
+                                        start_batch=start_batch, rank=accelerator.process_index,
+                                        world=accelerator.num_processes),
             num_workers=recipe.data.workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator().manual_seed(recipe.train.seed),  # keeps the global RNG untouched

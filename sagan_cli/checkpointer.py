@@ -48,10 +48,10 @@ class Checkpointer:
         """Commit state/step-N (keeping `train.keep_checkpoints`), then rewrite the exported models."""
         nets, accelerator, main = self.nets, self.accelerator, self.accelerator.is_main_process
         scaler_states = {name: scaler.state_dict() for name, scaler in self.phases.scalers.items() if scaler is not None}
-        commit_state(accelerator, self.state_root, progress.step, self.recipe.train.keep_checkpoints,
-                     lambda folder: save_state(folder, models=nets.state_models(), progress=progress,
-                                               optimizers=nets.optimizers(), scalers=scaler_states,
-                                               rank=accelerator.process_index, main=main))
+        commit_state(accelerator, self.state_root, progress.step, keep=self.recipe.train.keep_checkpoints,
+                     write=lambda folder: save_state(folder, models=nets.state_models(), progress=progress,
+                                                     optimizers=nets.optimizers(), scalers=scaler_states,
+                                                     rank=accelerator.process_index, main=main))
         together(accelerator, lambda: self._export(progress.step), main_only=True, what="write the checkpoints")
 
     def _export(self, step: int) -> None:

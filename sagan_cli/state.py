@@ -175,7 +175,7 @@ def together(accelerator, action, *, main_only: bool = False, what: str = "write
     return result
 
 
-def commit_state(accelerator, root: Path, step: int, keep: int, write) -> Path:
+def commit_state(accelerator, root: Path, step: int, *, keep: int, write) -> Path:
     """Run `write(tmp_folder)` on every process, then rename the folder into place and drop old ones.
 
     A crash mid-write leaves only a '.tmp-' folder behind, and the previous state stays the newest.

@@ -56,8 +56,8 @@ def test_batch_order_is_a_function_of_position():
     flat = sum(first, [])
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
     # two ranks split each global batch without overlap
-    r0 = next(batch_indices(10, 4, 3, 0, rank=0, world=2))
-    r1 = next(batch_indices(10, 4, 3, 0, rank=1, world=2))
+    r0 = next(batch_indices(10, 4, seed=3, start_batch=0, rank=0, world=2))
+    r1 = next(batch_indices(10, 4, seed=3, start_batch=0, rank=1, world=2))
     assert not set(r0) & set(r1)
 
 
