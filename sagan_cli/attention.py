@@ -50,6 +50,7 @@ def default_points(resolution: int) -> list[Point]:
 
 
 def check_points(points: Sequence[Point], resolution: int) -> None:
+    """Every point must be a pixel of the R x R image the model sees."""
     for x, y in points:
         if not (0 <= x < resolution and 0 <= y < resolution):
             raise UserError(f"point {x},{y} is outside the {resolution}x{resolution} image the model sees;"
@@ -113,7 +114,7 @@ def layer_attention(
     return result
 
 
-def summary(maps: list[LayerAttention], points: Sequence[Point], resolution: int) -> dict[str, dict]:
+def summarise(maps: list[LayerAttention], points: Sequence[Point], resolution: int) -> dict[str, dict]:
     """Per layer and point: argmax (image pixel and key cell), its weight, and the row's entropy (nats)."""
     out = {}
     for layer_map in maps:
@@ -182,7 +183,7 @@ class AttentionView:
     maps: list[LayerAttention]
 
     def summary(self) -> dict[str, dict]:
-        return summary(self.maps, self.points, self.image.shape[-1])
+        return summarise(self.maps, self.points, self.image.shape[-1])
 
     def figure(self) -> Figure:
         return draw_figure(self.image, self.points, self.maps)

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
-from sagan_cli.attention import DPI, Point, attention_view
+from sagan_cli.attention import DPI, Point, attention_view, check_points, select_layers
 from sagan_cli.checkpoint import load_model, write_output
 from sagan_cli.data import image_to_tensor, open_image
 from sagan_cli.errors import UserError, check_writable
-from sagan_cli.sample import resolve_device
+from sagan_cli.sample import make_labels, resolve_device
 
 
-def parse_points(texts: Sequence[str]) -> list[Point]:
-    """'x,y' strings (several per string allowed, space separated) -> pixel points."""
+def parse_points(texts: Sequence[str], resolution: int) -> list[Point]:
+    """'x,y' strings (several per string allowed, space separated) -> pixel points inside the image."""
     points = []
     for text in texts:
         for item in text.split():
@@ -28,6 +28,7 @@ def parse_points(texts: Sequence[str]) -> list[Point]:
                 x, y = (int(value) for value in item.split(","))
             except ValueError:
                 raise UserError(f"--points expects x,y pixel coordinates such as 12,30, got {item!r}") from None
+            check_points([(x, y)], resolution)
             points.append((x, y))
     return points
 
@@ -63,9 +64,11 @@ def attn_map_command(
             " (G shows its attention on an image it generates, chosen by --seed)"
         )
     config = model.config
+    select_layers(model, layers)  # the option checks come before the image is read
+    query = parse_points(points, config.resolution) if points else None
+    make_labels(1, config.num_classes, class_)
     pixels = None if image is None else image_to_tensor(open_image(image), config.resolution, config.channels)
-    view = attention_view(model, image=pixels, points=parse_points(points) if points else None, layers=layers,
-                          seed=seed, class_=class_)
+    view = attention_view(model, image=pixels, points=query, layers=layers, seed=seed, class_=class_)
     result = {
         "checkpoint": str(ckpt),
         "kind": view.kind,

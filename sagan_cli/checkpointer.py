@@ -15,8 +15,8 @@ from rich.console import Console
 from sagan_cli.checkpoint import save_model
 from sagan_cli.config import Recipe
 from sagan_cli.errors import UserError
+from sagan_cli.monitor import truncate_log
 from sagan_cli.nets import Nets
-from sagan_cli.run_folder import truncate_log
 from sagan_cli.state import Progress, commit_state, latest_state, load_state, read_progress, save_state, together
 from sagan_cli.step import Phases
 
@@ -27,9 +27,11 @@ class Checkpointer:
     def __init__(self, recipe: Recipe, run_dir: Path, accelerator: Accelerator, nets: Nets, phases: Phases):
         self.recipe, self.run_dir, self.accelerator, self.nets, self.phases = recipe, run_dir, accelerator, nets, phases
         self.state_root = run_dir / "state"
+        self.saved_step = -1  # the step saved last: saving it again is a no-op
 
     def restore(self, folder: Path, console: Console) -> Progress:
-        """Load the state in `folder` (the recipe's learning rates and betas apply from here on)."""
+        """Load the state in `folder`: models, optimizers, fp16 loss scales, RNG. The recipe's learning rates
+        and betas apply from here on; log lines written after that state (a crash) are dropped."""
         nets, train, accelerator = self.nets, self.recipe.train, self.accelerator
         load_state(folder, models=nets.state_models(), optimizers=nets.optimizers(), rank=accelerator.process_index)
         progress, scaler_states = read_progress(folder)
@@ -46,8 +48,12 @@ class Checkpointer:
 
     def save(self, progress: Progress) -> None:
         """Commit state/step-N (keeping `train.keep_checkpoints`), then rewrite the exported models."""
+        if progress.step == self.saved_step:
+            return
+        self.saved_step = progress.step
         nets, accelerator, main = self.nets, self.accelerator, self.accelerator.is_main_process
-        scaler_states = {name: scaler.state_dict() for name, scaler in self.phases.scalers.items() if scaler is not None}
+        scaler_states = {name: scaler.state_dict() for name, scaler in self.phases.scalers.items()
+                         if scaler is not None}
         commit_state(accelerator, self.state_root, progress.step, keep=self.recipe.train.keep_checkpoints,
                      write=lambda folder: save_state(folder, models=nets.state_models(), progress=progress,
                                                      optimizers=nets.optimizers(), scalers=scaler_states,

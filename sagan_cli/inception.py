@@ -77,7 +77,7 @@ def _check_weights(path: str, size: int, mtime_ns: int) -> str:
             raise UserError(f"{path} is not torch-fidelity's Inception-v3 state dict ({key} missing or mis-shaped); "
                             f"download {URL_INCEPTION_V3}")
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    with open(path, "rb") as weights_file:
+        for chunk in iter(lambda: weights_file.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

@@ -1,8 +1,8 @@
-"""What a run shows while it trains: metrics.jsonl, TensorBoard and the progress bar (`RunLog`), and the
+"""What a run shows while it trains: metrics.jsonl, TensorBoard and the progress bar (`TrainingLog`), and the
 fixed-noise sample grids, structure scores and evaluations (`Monitor`).
 
-Only rank 0 writes; every other rank waits for it (`state.together`), so a failure on rank 0 stops all
-ranks with the same one-line error.
+Only rank 0 writes. Grids and evaluations run under `state.together`: the other ranks wait, and a failure
+on rank 0 stops every rank with the same one-line error.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ GRID_SEED_OFFSET = 7919  # the fixed grid noise must not coincide with the train
 STRUCTURE_SAMPLES = 256  # synthetic data: images scored by the structure checker at each sample grid
 
 
-class RunLog:
-    """metrics.jsonl (rank 0), TensorBoard through Accelerate, the progress bar, and the img/s window."""
+class TrainingLog:
+    """metrics.jsonl (rank 0), TensorBoard through Accelerate, the progress bar, and the img/s window.
+
+    (`report.RunLog` is the other side: it reads metrics.jsonl back.)
+    """
 
     def __init__(self, run_dir: Path, accelerator: Accelerator, console: Console, *, total: int, start: int,
                  tensorboard: bool):
@@ -40,17 +43,17 @@ class RunLog:
                                console=console, disable=not self.main)
         self.task = self.bar.add_task("train", total=total, completed=start, info="")
         self.window_start, self.window_images = time.perf_counter(), 0
-        if tensorboard:
-            accelerator.init_trackers("tensorboard")
 
-    def __enter__(self) -> RunLog:
+    def __enter__(self) -> TrainingLog:
         self.bar.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.bar.__exit__(*exc)
-        if self.file is not None:
-            self.file.close()
+        try:
+            self.bar.__exit__(*exc)
+        finally:
+            if self.file is not None:
+                self.file.close()
 
     def write(self, record: dict, say: str | None = None) -> None:
         if self.main:
@@ -72,7 +75,7 @@ class RunLog:
     def progress(self, step: int) -> None:
         self.bar.update(self.task, completed=step)
 
-    def losses(self, step: int, d_stats: DStats, g_stats: GStats, nets: Nets) -> None:
+    def write_step(self, step: int, d_stats: DStats, g_stats: GStats, nets: Nets) -> None:
         """One log line (waits for the device): losses, D's outputs, img/s since the last line, lr, gammas."""
         now = time.perf_counter()
         img_per_s = self.window_images / max(now - self.window_start, 1e-9)
@@ -95,10 +98,26 @@ def grid_inputs(recipe: Recipe, n: int, offset: int = 0) -> tuple[torch.Tensor, 
     return z, (torch.arange(n) * classes // n if classes else None)
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines past the resumed step (written after the last checkpoint of a crashed run), and a torn
+    last line; rewritten atomically."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn by a crash mid-write
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+
 class Monitor:
     """Sample grids (and structure scores on synthetic data) and evaluations of the exported generator."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, nets: Nets, log: RunLog, accelerator: Accelerator):
+    def __init__(self, recipe: Recipe, run_dir: Path, nets: Nets, log: TrainingLog, accelerator: Accelerator):
         self.recipe, self.run_dir, self.nets, self.log, self.accelerator = recipe, run_dir, nets, log, accelerator
 
     def sample_grid(self, step: int) -> None:
@@ -114,7 +133,8 @@ class Monitor:
         recipe, sampler, device = self.recipe, self.nets.exported_g(), self.accelerator.device
         grid_z, grid_labels = grid_inputs(recipe, recipe.train.sample_grid)
         grid = torch.cat(list(iter_generate(sampler, grid_z, grid_labels, batch_size=64, device=device)))
-        atomic_write(self.run_dir / "samples" / f"step-{step:07d}.png", lambda tmp: grid_image(grid).save(tmp, format="png"))
+        path = self.run_dir / "samples" / f"step-{step:07d}.png"
+        atomic_write(path, lambda tmp: grid_image(grid).save(tmp, format="png"))
         if recipe.data.kind == "synthetic":
             from sagan_cli.structure import score_images
 

@@ -1,6 +1,6 @@
-"""The run folder of DESIGN.md: what may start or resume in it, and the files that describe the run.
+"""The run folder (README, `sagan train`): what may start or resume in it, and the recipe it records.
 
-Every check here runs before anything is written, so a refused `sagan train` leaves a folder as it was.
+`check_run_folder` runs before anything is written, so a refused `sagan train` leaves a folder as it was.
 """
 
 from __future__ import annotations
@@ -55,19 +55,3 @@ def start_run_folder(recipe: Recipe, run_dir: Path, accelerator: Accelerator, co
     text = json.dumps(recipe.to_dict(), indent=2) + "\n"
     together(accelerator, lambda: atomic_write(run_dir / "config.json", lambda tmp: Path(tmp).write_text(text)),
              main_only=True, what="write the run directory")
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the resumed step (written after the last checkpoint of a crashed run), and a torn
-    last line; rewritten atomically."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # torn by a crash mid-write
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line + "\n")
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))

@@ -218,6 +218,7 @@ def sample_images(
                 done += len(batch)
                 if on_batch is not None:
                     on_batch(done)
+            files.wait()  # a failed write stops here, before grid.png
         _save_png(grid_image(torch.cat(shown)), out_dir / "grid.png")
         return files.finish()
     except OSError as exc:
@@ -243,9 +244,11 @@ class _PngFiles:
         while len(self.pending) > 2 * WRITERS:  # bound the batches waiting in memory
             self.pending.popleft().result()
 
-    def finish(self) -> Path:
+    def wait(self) -> None:
         while self.pending:
             self.pending.popleft().result()  # a failed write raises here
+
+    def finish(self) -> Path:
         return self.out_dir
 
 
@@ -265,6 +268,9 @@ class _NpzFile:
 
     def add(self, batch: torch.Tensor, start: int) -> None:
         self.images[start : start + len(batch)] = batch.permute(0, 2, 3, 1).numpy()
+
+    def wait(self) -> None:
+        pass
 
     def finish(self) -> Path:
         atomic_write(self.path, lambda tmp: _savez(tmp, {"images": self.images, "labels": self.labels}))

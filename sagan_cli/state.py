@@ -182,7 +182,7 @@ def commit_state(accelerator, root: Path, step: int, *, keep: int, write) -> Pat
     A failure on any process (disk full, unwritable folder) stops every process with one message.
     """
     final = root / f"{STATE_PREFIX}{step:07d}"
-    if final.is_dir():  # already saved at this step (e.g. Ctrl-C right after a scheduled checkpoint)
+    if final.is_dir():  # already saved at this step: the folder is complete, keep it
         return final
     tmp = root / f".tmp-{STATE_PREFIX}{step:07d}"
 

@@ -26,7 +26,7 @@ from sagan_cli.batches import Data, Noise
 from sagan_cli.checkpointer import Checkpointer, SkipStreak
 from sagan_cli.config import Recipe
 from sagan_cli.models import Discriminator, Generator
-from sagan_cli.monitor import Monitor, RunLog
+from sagan_cli.monitor import Monitor, TrainingLog
 from sagan_cli.nets import BatchNormGuard, build_nets, make_phases
 from sagan_cli.run_folder import check_run_folder, start_run_folder
 from sagan_cli.state import Progress
@@ -57,17 +57,18 @@ def train_step(phases: Phases, data: Data, noise: Noise, *, d_steps: int,
 
 
 def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console: Console | None = None) -> TrainResult:
-    """Train (or resume) a SAGAN as the recipe says, writing the run directory of DESIGN.md."""
+    """Train (or resume) a SAGAN as the recipe says, writing the run directory (README, `sagan train`)."""
     from sagan_cli.data import build_dataset
-    from sagan_cli.metrics import check_evaluation
 
     train, run_dir, console = recipe.train, Path(run_dir), console or Console()
-    # ---- 1. processes and checks: everything that can be refused is, before anything is written ----
+    # ---- 1. processes and checks: a bad folder, recipe, dataset or weights file is refused before writing ----
     accelerator = make_accelerator(recipe, run_dir)
     saved = check_run_folder(recipe, run_dir, resume=resume, world_size=accelerator.num_processes)
     dataset = build_dataset(recipe.data, recipe.model.resolution, recipe.model.num_classes,  # bad data fails here
                             recipe.model.channels)
     if recipe.eval.every:
+        from sagan_cli.metrics import check_evaluation
+
         check_evaluation(recipe)  # missing Inception weights fail now, not hours into the run
     start_run_folder(recipe, run_dir, accelerator, console)
     # ---- 2. networks, the step's phases, the saved state, the inputs, the outputs ----
@@ -76,10 +77,15 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
     set_seed(train.seed + accelerator.process_index)  # same initial weights, but each process its own noise
     phases = make_phases(recipe, nets, accelerator)
     checkpointer = Checkpointer(recipe, run_dir, accelerator, nets, phases)
-    progress = checkpointer.restore(saved, console) if saved else Progress(world_size=accelerator.num_processes)
+    progress = Progress(world_size=accelerator.num_processes)
+    if saved is not None:
+        progress = checkpointer.restore(saved, console)
+    if train.tensorboard:
+        accelerator.init_trackers("tensorboard")
     data, noise = Data(recipe, dataset, accelerator, progress.batches), Noise(recipe, accelerator.device)
     guard, streak = BatchNormGuard(nets.raw_g), SkipStreak(recipe, run_dir, accelerator.device)
-    log = RunLog(run_dir, accelerator, console, total=train.steps, start=progress.step, tensorboard=train.tensorboard)
+    log = TrainingLog(run_dir, accelerator, console, total=train.steps, start=progress.step,
+                      tensorboard=train.tensorboard)
     monitor = Monitor(recipe, run_dir, nets, log, accelerator)
 
     def due(every: int) -> bool:  # every `every` steps, and at the last step
@@ -101,18 +107,19 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
             log.count_images(train.batch_size * accelerator.num_processes)  # images generated, as 0.1.0 counted
             if due(train.log_every):
                 streak.check(progress.step)
-                log.losses(progress.step, d_stats, g_stats, nets)
+                log.write_step(progress.step, d_stats, g_stats, nets)
             else:
                 log.progress(progress.step)
             if due(train.sample_every):
                 monitor.sample_grid(progress.step)
             if recipe.eval.every and due(recipe.eval.every):
                 monitor.evaluate(progress)
-            stopping = stop.requested(progress.step)
-            if due(train.checkpoint_every) or stopping:
+            if due(train.checkpoint_every):
                 streak.check(progress.step)
                 checkpointer.save(progress)
-            if stopping:
+            if stop.requested(progress.step):
+                streak.check(progress.step)
+                checkpointer.save(progress)  # once per step: nothing to do right after a scheduled save
                 log.say(f"interrupted: checkpoint saved at step {progress.step}; continue with --resume")
                 break
     accelerator.wait_for_everyone()
@@ -149,7 +156,7 @@ class StopOnCtrlC:
     def requested(self, step: int) -> bool:
         if self.accelerator.num_processes == 1:
             return self.flag
-        if step % self.every:  # ranks agree only where they talk anyway: every `log_every` steps
+        if step % self.every:  # ranks agree at log steps only, where the loop waits for the device anyway
             return False
         flag = torch.tensor([float(self.flag)], device=self.accelerator.device)
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)

@@ -224,6 +224,8 @@ def small_ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (["--ckpt", "{g}", "-p", "32,0"], "outside the 32x32"),
         (["--ckpt", "{g}", "-p", "3;4"], "x,y"),
         (["--ckpt", "{g}", "--layer", "attention.4"], "attention.16"),
+        (["{missing}", "--ckpt", "{d}", "--layer", "attention.4"], "attention.8"),  # options before the image
+        (["{missing}", "--ckpt", "{d}", "-p", "40,0"], "outside the 32x32"),
         (["--ckpt", "{g}", "--out", "{tmp}"], "is a folder"),
     ],
 )

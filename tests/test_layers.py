@@ -1,4 +1,4 @@
-"""SelfAttention against DESIGN.md's formula: values, gradients, kernels, attention maps."""
+"""SelfAttention against the formula (README, "How the model maps to the paper"): values, gradients, kernels, maps."""
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ TOL = 1e-5
 
 
 def formula(block: SelfAttention, x: torch.Tensor) -> torch.Tensor:
-    """DESIGN.md's formula, written out from the block's (spectrally normalised) conv weights."""
+    """The attention formula, written out from the block's (spectrally normalised) conv weights."""
 
     def conv1x1(conv, t):
         w = conv.weight.flatten(1)  # [Cout, Cin]
