@@ -25,6 +25,7 @@ from rich.console import Console
 from sagan_cli.batches import Data, Noise
 from sagan_cli.checkpointer import Checkpointer, SkipStreak
 from sagan_cli.config import Recipe
+from sagan_cli.data import build_dataset
 from sagan_cli.models import Discriminator, Generator
 from sagan_cli.monitor import Monitor, TrainingLog
 from sagan_cli.nets import BatchNormGuard, build_nets, make_phases
@@ -58,8 +59,6 @@ def train_step(phases: Phases, data: Data, noise: Noise, *, d_steps: int,
 
 def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console: Console | None = None) -> TrainResult:
     """Train (or resume) a SAGAN as the recipe says, writing the run directory (README, `sagan train`)."""
-    from sagan_cli.data import build_dataset
-
     train, run_dir, console = recipe.train, Path(run_dir), console or Console()
     # ---- 1. processes and checks: a bad folder, recipe, dataset or weights file is refused before writing ----
     accelerator = make_accelerator(recipe, run_dir)
