@@ -41,15 +41,18 @@ def _root(
     """Train, sample, evaluate and inspect Self-Attention GANs (Zhang et al. 2018)."""
 
 
+OverridesOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a recipe key: table.key=value (repeatable).")
+]
+
+
 @app.command(
     epilog="Example: sagan train recipes/quickstart.toml --out runs/quick --set train.steps=2000",
 )
 def train(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe (see recipes/).", show_default=False)],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory. \\[default: runs/RECIPE_NAME]")] = None,
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a recipe key: table.key=value (repeatable).")
-    ] = None,
+    overrides: OverridesOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its state/.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")] = False,
 ) -> None:
@@ -222,9 +225,7 @@ def classifier_train(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe: its [data] and model.resolution, model.num_classes.",
                                            show_default=False)],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file. \\[default: classifiers/RECIPE_NAME.safetensors]")] = None,
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a recipe key: table.key=value (repeatable).")
-    ] = None,
+    overrides: OverridesOption = None,
     test_overrides: Annotated[
         list[str] | None, typer.Option("--test-set", help="The test images: the recipe's data with this data.key=value "
                                        "(repeatable). \\[default: hold out 10% of the data, at most 10000 images]")
