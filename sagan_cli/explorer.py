@@ -28,7 +28,7 @@ from sagan_cli.attention import captured_inputs
 from sagan_cli.data import image_to_tensor, open_image
 from sagan_cli.layers import SelfAttention
 from sagan_cli.models import attention_layers
-from sagan_cli.sample import generate, to_uint8
+from sagan_cli.sample import generate, to_pil, to_uint8
 
 MAX_QUERIES = 256  # rows kept per layer and image (all of a 16x16 map)
 MAX_KEY_SIDE = 32  # key grids above 32x32 are sum-pooled down to it
@@ -45,9 +45,9 @@ class Subject:
 
 
 def png_data_uri(image: torch.Tensor | Image.Image) -> str:
-    """uint8 [3, H, W] tensor or a PIL image -> data:image/png;base64,..."""
+    """uint8 [C, H, W] tensor (C = 1: an 'L' image, C = 3: RGB) or a PIL image -> data:image/png;base64,..."""
     if isinstance(image, torch.Tensor):
-        image = Image.fromarray(image.permute(1, 2, 0).numpy())
+        image = to_pil(image)
     buf = io.BytesIO()
     image.save(buf, format="png", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -120,7 +120,7 @@ def generator_subjects(generator: nn.Module, count: int, seed: int) -> list[Subj
 def discriminator_subjects(
     discriminator: nn.Module, images: Sequence[tuple[str, torch.Tensor]]
 ) -> list[Subject]:
-    """D's attention rows while it looks at each (label, [3, R, R] image in [-1, 1]).
+    """D's attention rows while it looks at each (label, [C, R, R] image in [-1, 1], C = D's channels).
 
     Attention sits before the projection term, so the class label does not change the rows: class 0
     is passed to a conditional D.
@@ -137,9 +137,11 @@ def discriminator_subjects(
     return _subjects_from_inputs(layers, inputs, to_uint8(x), [label for label, _ in images], "D")
 
 
-def real_images(paths: Sequence[str | Path], dataset, count: int, resolution: int) -> list[tuple[str, torch.Tensor]]:
-    """The user's images (resized and center-cropped like attn-map does) and `count` spread dataset images."""
-    chosen = [(f"D: {Path(path).name}", image_to_tensor(open_image(path), resolution)) for path in paths]
+def real_images(paths: Sequence[str | Path], dataset, count: int, resolution: int,
+                channels: int = 3) -> list[tuple[str, torch.Tensor]]:
+    """The user's images (resized, center-cropped and converted to D's `channels` like attn-map does) and
+    `count` spread dataset images (the dataset must already give `channels`)."""
+    chosen = [(f"D: {Path(path).name}", image_to_tensor(open_image(path), resolution, channels)) for path in paths]
     if dataset is not None and count > 0 and len(dataset) > 0:
         picks = torch.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().long().unique()
         chosen += [(f"D: dataset image {int(i)}", dataset[int(i)][0]) for i in picks]

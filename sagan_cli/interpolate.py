@@ -23,7 +23,7 @@ from torchvision.utils import make_grid
 from sagan_cli.checkpoint import atomic_write, load_model
 from sagan_cli.errors import UserError
 from sagan_cli.layers import ClassBatchNorm2d
-from sagan_cli.sample import iter_generate, make_noise, resolve_device
+from sagan_cli.sample import iter_generate, make_noise, resolve_device, to_pil
 
 MODES = ("slerp", "lerp")
 ANIMATIONS = ("gif", "webp")
@@ -94,15 +94,16 @@ def _parse_ints(text: str, option: str) -> list[int]:
 
 
 def _sheet(rows: list[torch.Tensor]) -> Image.Image:
+    """One row per path; 'L' mode for a grayscale model (make_grid repeats one channel to three)."""
     images = torch.cat(rows)
     grid = make_grid(images, nrow=rows[0].shape[0], padding=2, pad_value=0)
-    return Image.fromarray(grid.permute(1, 2, 0).numpy())
+    return to_pil(grid[: images.shape[1]])
 
 
 def _save(out_dir: Path, stem: str, rows: list[torch.Tensor], animation: str, frame_ms: int) -> list[Path]:
     sheet_path, anim_path = out_dir / f"{stem}.png", out_dir / f"{stem}.{animation}"
     frames = [rows[0][0]] + [frame for row in rows for frame in row[1:]]  # joins appear once
-    pictures = [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in frames]
+    pictures = [to_pil(frame) for frame in frames]
     sheet = _sheet(rows)
     atomic_write(sheet_path, lambda tmp: sheet.save(tmp, format="png"))
     extra = {"lossless": True} if animation == "webp" else {"optimize": False}

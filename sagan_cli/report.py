@@ -171,8 +171,8 @@ def explorer_subjects(run_dir: Path, recipe: dict | None, *, images, samples: in
         config = discriminator.config
         dataset = None
         if dataset_images > 0 and recipe is not None:
-            dataset = _dataset(run_dir / "config.json", config.resolution, config.num_classes, notes)
-        pictures = real_images(images, dataset, dataset_images, config.resolution)
+            dataset = _dataset(run_dir / "config.json", config, notes)
+        pictures = real_images(images, dataset, dataset_images, config.resolution, config.channels)
         subjects += discriminator_subjects(discriminator, pictures)
     else:
         if images:
@@ -183,14 +183,15 @@ def explorer_subjects(run_dir: Path, recipe: dict | None, *, images, samples: in
     return [asdict(subject) for subject in subjects], notes
 
 
-def _dataset(config_path: Path, resolution: int, num_classes: int, notes: list[str]):
-    """The run's dataset, or None with a note when it cannot be opened here (moved, another machine)."""
+def _dataset(config_path: Path, model_config, notes: list[str]):
+    """The run's dataset as D saw it (its resolution and channels: a grayscale folder run reads its
+    images in grayscale), or None with a note when it cannot be opened here (moved, another machine)."""
     from sagan_cli.config import recipe_from_json
     from sagan_cli.data import build_dataset
 
     try:
         data = recipe_from_json(config_path).data
-        return build_dataset(data, resolution, num_classes)
+        return build_dataset(data, model_config.resolution, model_config.num_classes, model_config.channels)
     except UserError as exc:
         notes.append(f"the run's dataset is not available here, so no dataset images: {exc}")
         return None
