@@ -214,8 +214,12 @@ def accuracy(model: Classifier, data: Dataset, batch_size: int, device: torch.de
 def train_classifier(data: DataConfig, resolution: int, num_classes: int, out: str | Path, *,
                      test_data: DataConfig | None = None, test_fraction: float = 0.1, epochs: int = 3,
                      batch_size: int = 128, lr: float = 2e-3, width: int = 16, seed: int = 0,
-                     device: str | torch.device = "cpu", recipe: str = "recipe", progress: bool = False) -> ClassifierInfo:
+                     device: str | torch.device = "cpu", recipe: str = "recipe", progress: bool = False,
+                     channels: int | None = None) -> ClassifierInfo:
     """Train on `data` (labels from the dataset), measure test accuracy, save to `out`.
+
+    `channels` is what the recipe's models read (model.channels): a grayscale folder or LSUN recipe
+    gets a 1-channel classifier, which `eval --classifier` accepts for its generators. None: the data's own.
 
     The test images are `test_data` when given, else a held-out random `test_fraction` of `data`.
     Adam with a cosine-decaying learning rate; no augmentation (the features should describe the data).
@@ -227,10 +231,10 @@ def train_classifier(data: DataConfig, resolution: int, num_classes: int, out: s
     if epochs < 1 or batch_size < 1 or width < 1 or lr <= 0 or not 0 < test_fraction < 1:
         raise UserError("--epochs, --batch-size and --width must be >= 1, --lr > 0, and the test fraction in (0, 1)")
     data = replace(data, hflip=False)
-    full = build_dataset(data, resolution, num_classes)
+    full = build_dataset(data, resolution, num_classes, channels)
     channels = int(full[0][0].shape[0])
     if test_data is not None:
-        test_set = build_dataset(replace(test_data, hflip=False), resolution, num_classes)
+        test_set = build_dataset(replace(test_data, hflip=False), resolution, num_classes, channels)
         train_set: Dataset = full
         where = f"{test_data.kind} {test_data.path}".strip()
     else:
@@ -283,7 +287,7 @@ def train_from_recipe(recipe_path: str | Path, *, out: str | Path | None = None,
     check_writable(out, "--out")  # now, not after minutes of training
     info = train_classifier(recipe.data, recipe.model.resolution, recipe.model.num_classes, out,
                             test_data=test_data, device=resolve_device(device), recipe=recipe.name,
-                            progress=True, **options)
+                            progress=True, channels=recipe.model.channels, **options)
     print(f"wrote {out}: {info.config.channels}-channel {info.config.resolution}x{info.config.resolution}, "
           f"{info.config.num_classes} classes, test accuracy {info.test_accuracy:.2%} on {info.test_images} images "
           f"({info.test_set}); weights sha256 {info.weights_sha256[:12]}")

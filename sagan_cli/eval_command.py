@@ -36,6 +36,17 @@ DEFAULT_METRICS = "fid,isc,kid"
 DEFAULT_CLASSIFIER_METRICS = "classifier_fid,classifier_kid"  # + gan_test when the samples have classes
 
 
+def _is_grayscale(path: Path) -> bool:
+    """Whether an image file holds one channel (as `sagan sample` writes a grayscale model's PNGs)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.mode in ("1", "L", "LA", "I", "I;16", "F")
+    except (OSError, ValueError):
+        return False  # the dataset reports unreadable files itself
+
+
 def load_samples(path: Path) -> tuple[UInt8Images, int, torch.Tensor | None]:
     """(images, their size, intended labels or None) from a folder of images or a `sagan sample --format npz` file.
 
@@ -44,7 +55,9 @@ def load_samples(path: Path) -> tuple[UInt8Images, int, torch.Tensor | None]:
     """
     if path.is_dir():
         images = build_dataset(DataConfig(kind="folder", path=str(path)), 32)
-        images.resolution = min(open_image(images.files[0]).size)  # one walk of the folder, read at its size
+        first = images.files[0]
+        images.resolution = min(open_image(first).size)  # one walk of the folder, read at its size
+        images.channels = 1 if _is_grayscale(first) else 3  # a grayscale model's 'L'-mode PNGs: a grayscale reference
         return UInt8Images(images), images.resolution, None
     if path.suffix.lower() != ".npz" or not path.is_file():
         raise UserError(f"--samples {path}: give a folder of images or the .npz that `sagan sample --format npz` writes")

@@ -30,7 +30,7 @@ from torch_fidelity.noise import random_normal
 
 from sagan_cli import __version__
 from sagan_cli.classifier import ClassifierInfo
-from sagan_cli.config import DataConfig, Recipe
+from sagan_cli.config import DATA_CHANNELS, DataConfig, Recipe
 from sagan_cli.data import build_dataset, dataset_identity
 from sagan_cli.errors import UserError
 from sagan_cli.features import (
@@ -158,14 +158,19 @@ class UInt8Images(Dataset):
 class _Reference(Dataset):
     """The reference images, built only on a feature-cache miss."""
 
-    def __init__(self, data: DataConfig, resolution: int, count: int, num_classes: int = 0):
+    def __init__(self, data: DataConfig, resolution: int, count: int, num_classes: int = 0, channels: int = 3):
         self.data, self.resolution, self.count, self.num_classes = data, resolution, count, num_classes
+        # read as the model reads them: a grayscale model's folder or LSUN images in grayscale (then
+        # repeated to 3 channels for the extractor, as its generated images are); IDX, CIFAR-10 and
+        # synthetic data have their own fixed channels
+        self.channels = channels if data.kind not in DATA_CHANNELS else DATA_CHANNELS[data.kind]
         self._images: UInt8Images | None = None
 
     @property
     def images(self) -> UInt8Images:
         if self._images is None:
-            full = build_dataset(self.data, self.resolution, self.num_classes)
+            full = build_dataset(self.data, self.resolution, self.num_classes,
+                                 None if self.data.kind in DATA_CHANNELS else self.channels)
             order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))  # a fixed random subset: a prefix could be one class
             self._images = UInt8Images(full, sorted(order[: self.count].tolist()))
         return self._images
@@ -232,7 +237,7 @@ def evaluate(source: nn.Module | UInt8Images, data: DataConfig, resolution: int,
     protocol: dict[str, Any] = {"num_samples": n, "image_size": resolution, "seed": seed, "device": device.type,
                                 "metrics": chosen, "sagan": __version__}
     reference = _Reference(replace(data, hflip=False), resolution, reference_count or n,
-                           reference_classes(data, num_classes or 0))
+                           reference_classes(data, num_classes or 0), source_channels(source))
     values: dict[str, float] = {}
     keep = "structure" in chosen  # the structure checker scores the very images the feature spaces saw
     kept: torch.Tensor | None = None
@@ -248,6 +253,16 @@ def evaluate(source: nn.Module | UInt8Images, data: DataConfig, resolution: int,
         values.update({f"structure_{key}": value for key, value in scores.items()})
     protocol["seconds"] = round(time.perf_counter() - started, 2)
     return EvalResult(values, protocol)
+
+
+def source_channels(source: nn.Module | UInt8Images) -> int:
+    """The channels of what is evaluated: a generator's config, else the saved samples' own (1 for the
+    grayscale .npz or 'L'-mode PNGs `sagan sample` writes for a grayscale model)."""
+    if isinstance(source, nn.Module):
+        return getattr(source.config, "channels", 3)
+    if isinstance(source.source, torch.Tensor):
+        return int(source.source.shape[1])
+    return getattr(source.source, "channels", 3)
 
 
 def _check_inputs(spaces, source: nn.Module | UInt8Images, *, n: int, batch_size: int, resolution: int,
@@ -297,6 +312,8 @@ def _score(space: FeatureSpace, wanted: list[str], source: nn.Module | UInt8Imag
         if paired:
             identity = dataset_identity(reference.data, reference.resolution, reference.num_classes)
             definition = f"{identity}|{reference.resolution}|{reference.num_classes}|{reference.count}"
+            if reference.channels == 1 and reference.data.kind not in DATA_CHANNELS:  # others keep their caches
+                definition += "|grayscale"
             ref_features, cache = reference_features(space, [space.layers[metric] for metric in paired], definition,
                                                      lambda: reference, **options)
             protocol.update({"num_reference": len(next(iter(ref_features.values()))), "dataset": identity,

@@ -31,6 +31,7 @@ from sagan_cli.classifier import (
     train_classifier,
     weights_sha256,
 )
+from sagan_cli.checkpoint import save_model
 from sagan_cli.config import DataConfig, EvalConfig, ModelConfig, Recipe
 from sagan_cli.data import SyntheticBlobs, build_dataset, dataset_identity
 from sagan_cli.features import CLASSIFIER_EXTRACTOR, register
@@ -264,3 +265,25 @@ def test_no_cache_file_is_ever_unpickled_and_extractors_never_share_entries(tmp_
         f.write(planted)
     pickle.loads(entries[0].read_bytes())
     assert marker.exists()
+
+
+def test_a_grayscale_folder_recipe_gets_a_grayscale_classifier_that_eval_accepts(tmp_path, monkeypatch, capsys):
+    """model.channels = 1 on a folder of colour images: the classifier reads what the models read (issue 18)."""
+    images, labels = disc_images(12, seed=4)
+    root = tmp_path / "discs"
+    for k in range(3):
+        png_folder(root / f"class{k}", images[labels == k])
+    recipe = tmp_path / "grey.toml"
+    recipe.write_text(f'[data]\nkind = "folder"\npath = "{root}"\n'
+                      '[model]\nresolution = 32\nchannels = 1\nnum_classes = 3\nz_dim = 16\ng_ch = 16\nd_ch = 16\n'
+                      'g_attention = [16]\nd_attention = [8]\n')
+    classifier = tmp_path / "grey.safetensors"
+    code, out, err = sagan(monkeypatch, capsys, "classifier", "train", recipe, "--out", classifier, "--epochs", 1,
+                           "--width", 8, "--batch-size", 8)
+    assert code == 0, err
+    assert load_classifier(classifier)[1].config.channels == 1 and "1-channel" in out
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "g.safetensors", Generator(ModelConfig(**TINY, channels=1, num_classes=3)), step=1)
+    code, _, err = sagan(monkeypatch, capsys, "eval", "--ckpt", ckpt, "--data", recipe, "-n", 8,
+                         "--metrics", "classifier_fid", "--classifier", classifier, "-q")
+    assert code == 0, err

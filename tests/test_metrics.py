@@ -309,3 +309,29 @@ def test_conditional_synthetic_reference_has_the_class_colours(tmp_path, weights
                               num_samples=6, metrics=["fid"], inception_weights=weights, batch_size=6)
     assert len(list((tmp_path / "cache" / "fidelity").glob("sagan-ref-*.safetensors"))) == 2  # one entry per class count
     assert conditional["fid"] != grey["fid"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("as_png", [False, True])
+def test_grayscale_samples_meet_a_grayscale_reference(tmp_path, weights, monkeypatch, capsys, as_png):
+    """A grayscale model's samples (its .npz or 'L' PNGs) against a folder of colour images: the reference
+    is read in grayscale as the model reads it, so the folder's own pixels in grayscale score FID 0 (issue 18)."""
+    from sagan_cli.data import image_to_tensor, open_image
+    from sagan_cli.sample import to_uint8
+
+    real = shapes(tmp_path / "real", 6, seed=3)
+    grey = np.stack([to_uint8(image_to_tensor(open_image(p), 32, channels=1)).permute(1, 2, 0).numpy()
+                     for p in sorted(real.glob("*.png"))])
+    if as_png:
+        samples = tmp_path / "samples"
+        samples.mkdir()
+        for i, image in enumerate(grey):
+            Image.fromarray(image[..., 0]).save(samples / f"{i:06d}.png")  # as `sagan sample` writes them
+    else:
+        samples = tmp_path / "samples.npz"
+        np.savez(samples, images=grey, labels=np.full(len(grey), -1))
+    out = tmp_path / "grey.json"
+    code, _, err = sagan(monkeypatch, capsys, "eval", "--samples", samples, "--data", real, "--metrics", "fid",
+                         "--inception-weights", weights, "--json", out, "-q")
+    assert code == 0, err
+    assert abs(json.loads(out.read_text())["metrics"]["fid"]) < 1e-3
