@@ -5,6 +5,11 @@ What the port saves (facts read from its source, no code taken from it): `torch.
                  attn1 (after l3, 16x16) and attn2 (after l4, 32x32) at imsize 64
   Discriminator: l1..l4 = [SpectralNorm(Conv2d), LeakyReLU(0.1)]; last = Conv2d(k=4) (no SN);
                  attn1 (after l3, 8x8) and attn2 (after l4, 4x4)
+PyTorch before 0.4.1 (the port names 0.3.0) wrote BatchNorm without `num_batches_tracked`: it then
+stays 0 (eval mode does not read it). With `--parallel` its trainer saves `state_dict()` of
+`nn.DataParallel` models, whose keys start with `module.`: the prefix is dropped.
+The port's attention widths are fixed in its code (G: 128 after l3, 64 after l4; D: 256 after l3, 512
+after l4), so its checkpoints have conv_dim 64 (its default).
 Its SpectralNorm keeps `<layer>.module.weight_bar` (the raw weight), `weight_u`, `weight_v`, and on EVERY
 forward does one power iteration from the stored u on w.view(w.shape[0], -1) (dim 0, also for transposed
 convs), then uses w / sigma with sigma = u . (W v). Its Self_Attn has query_conv, key_conv, value_conv
@@ -127,11 +132,27 @@ def set_spectral_norm(module: nn.Module, weight: torch.Tensor, sigma: float) -> 
     param = module.parametrizations.weight
     norm = param[0]
     mat = norm._reshape_weight_to_matrix(weight.double())  # torch's layout (dim 1 for transposed convs)
-    left, singular, right = torch.linalg.svd(mat, full_matrices=False)
+    left, singular, right = top_singular(mat)
     with torch.no_grad():
         param.original.copy_(weight)
-        norm._v.copy_(right[0])
-        norm._u.copy_(left[:, 0] * (sigma / float(singular[0])))
+        norm._v.copy_(right)
+        norm._u.copy_(left * (sigma / singular))
+
+
+def top_singular(mat: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """(u, sigma, v) of the largest singular value, from the eigenvectors of the smaller Gram matrix:
+    a full SVD of the port's 512 x 4096 layers took ~0.6 s each here, this a few milliseconds."""
+    if mat.shape[0] <= mat.shape[1]:
+        values, vectors = torch.linalg.eigh(mat @ mat.t())
+        sigma = float(values[-1].clamp_min(0).sqrt())
+        left = vectors[:, -1]
+        right = mat.t() @ left / max(sigma, 1e-300)
+    else:
+        values, vectors = torch.linalg.eigh(mat.t() @ mat)
+        sigma = float(values[-1].clamp_min(0).sqrt())
+        right = vectors[:, -1]
+        left = mat @ right / max(sigma, 1e-300)
+    return left, sigma, right
 
 
 def _copy(target: torch.Tensor, source: torch.Tensor, name: str, option: str) -> None:
@@ -171,8 +192,10 @@ def generator_from_port(state: dict, config: ModelConfig) -> Generator:
         _sn_layer(generator.blocks[i].conv, state, f"l{i + 1}.0", "--g", "generator")
         batch_norm = generator.blocks[i].bn.bn
         for key in BN_KEYS:
-            _copy(getattr(batch_norm, key), _need(state, f"l{i + 1}.1.{key}", "--g", "generator"),
-                  f"l{i + 1}.1.{key}", "--g")
+            name = f"l{i + 1}.1.{key}"
+            if key == "num_batches_tracked" and name not in state:
+                continue  # PyTorch < 0.4.1 (the port's stated 0.3/0.4) saved no counter: keep ours at 0
+            _copy(getattr(batch_norm, key), _need(state, name, "--g", "generator"), name, "--g")
     for name, size in G_ATTENTION.items():
         _attention(generator.attention[str(size)], state, name, "--g", "generator")
     _copy(generator.to_rgb.weight, _need(state, "last.0.weight", "--g", "generator"), "last.0.weight", "--g")

@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from sagan_cli.checkpoint import load_model, read_info
 from sagan_cli.sample import make_noise
 
-Z_DIM, CONV_DIM = 16, 16
+# The port's real layout (imsize 64): conv_dim 64 (its default) and z_dim 128 (its trainer's default).
+# Its attention widths are fixed in its code, Self_Attn(128) and Self_Attn(64) in G, Self_Attn(256) and
+# Self_Attn(512) in D, so no other conv_dim runs there.
+Z_DIM, CONV_DIM = 128, 64
+G_ATTENTION_WIDTHS = {"attn1": 128, "attn2": 64}  # after l3 (16x16), after l4 (32x32)
+D_ATTENTION_WIDTHS = {"attn1": 256, "attn2": 512}  # after l3 (8x8), after l4 (4x4)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -41,8 +46,9 @@ def _attn(state: dict, prefix: str, c: int, gen: torch.Generator) -> None:
     state[f"{prefix}.gamma"] = torch.tensor([0.7])  # non-zero, so attention shapes the output
 
 
-def port_generator_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights in the port's Generator layout, imsize 64: widths 8c, 4c, 2c, c."""
+def port_generator_state(seed: int = 0, counter: bool = True) -> dict[str, torch.Tensor]:
+    """Random weights in the port's Generator layout, imsize 64: widths 8c, 4c, 2c, c. `counter`: BatchNorm's
+    num_batches_tracked, which PyTorch < 0.4.1 (the port's stated 0.3/0.4) did not save."""
     gen = torch.Generator().manual_seed(seed)
     state: dict = {"__kind": "G"}
     widths = [Z_DIM, 8 * CONV_DIM, 4 * CONV_DIM, 2 * CONV_DIM, CONV_DIM]
@@ -53,11 +59,12 @@ def port_generator_state(seed: int = 0) -> dict[str, torch.Tensor]:
         state[f"l{i + 1}.1.bias"] = 0.1 * torch.randn(c, generator=gen)
         state[f"l{i + 1}.1.running_mean"] = 0.2 * torch.randn(c, generator=gen)
         state[f"l{i + 1}.1.running_var"] = 0.5 + torch.rand(c, generator=gen)
-        state[f"l{i + 1}.1.num_batches_tracked"] = torch.tensor(100)
+        if counter:
+            state[f"l{i + 1}.1.num_batches_tracked"] = torch.tensor(100)
     state["last.0.weight"] = torch.randn(CONV_DIM, 3, 4, 4, generator=gen) * 0.1
     state["last.0.bias"] = torch.randn(3, generator=gen) * 0.1
-    _attn(state, "attn1", 2 * CONV_DIM, gen)
-    _attn(state, "attn2", CONV_DIM, gen)
+    for name, width in G_ATTENTION_WIDTHS.items():
+        _attn(state, name, width, gen)
     del state["__kind"]
     return state
 
@@ -70,8 +77,8 @@ def port_discriminator_state(seed: int = 1) -> dict[str, torch.Tensor]:
         _sn(state, f"l{i + 1}.0", (widths[i + 1], widths[i], 4, 4), gen)  # Conv2d: [out, in, k, k]
     state["last.0.weight"] = torch.randn(1, 8 * CONV_DIM, 4, 4, generator=gen) * 0.1
     state["last.0.bias"] = torch.randn(1, generator=gen) * 0.1
-    _attn(state, "attn1", 4 * CONV_DIM, gen)
-    _attn(state, "attn2", 8 * CONV_DIM, gen)
+    for name, width in D_ATTENTION_WIDTHS.items():
+        _attn(state, name, width, gen)
     del state["__kind"]
     return state
 
@@ -133,15 +140,33 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sagan_cli", *args], capture_output=True, text=True)
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def test_the_reference_states_have_the_ports_real_widths():
+    """The layouts below are the port's: its attention widths are fixed, so G's l3/l4 and D's l3/l4 match them."""
+    g, d = port_generator_state(), port_discriminator_state()
+    assert g["l1.0.module.weight_bar"].shape == (Z_DIM, 512, 4, 4) and g["last.0.weight"].shape == (64, 3, 4, 4)
+    assert g["l3.1.running_mean"].shape == (128,) and g["attn1.value_conv.weight"].shape == (128, 128, 1, 1)
+    assert g["l4.1.running_mean"].shape == (64,) and g["attn2.query_conv.weight"].shape == (8, 64, 1, 1)
+    assert d["l3.0.module.weight_bar"].shape == (256, 128, 4, 4) and d["attn1.key_conv.weight"].shape == (32, 256, 1, 1)
+    assert d["l4.0.module.weight_bar"].shape == (512, 256, 4, 4) and d["attn2.value_conv.weight"].shape == (512, 512, 1, 1)
+    assert "l1.1.num_batches_tracked" not in port_generator_state(counter=False)
+
+
+# as saved by PyTorch >= 0.4.1; by the port's stated PyTorch 0.3/0.4 (no BatchNorm counter); and by its
+# trainer with --parallel (nn.DataParallel: every key starts with `module.`), also from before the counter
+SAVED_BY = ["torch-0.4.1+", "torch-0.3", "dataparallel-torch-0.3"]
+
+
+@pytest.fixture(scope="module", params=SAVED_BY)
+def imported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("port")
-    g_state, d_state = port_generator_state(), port_discriminator_state()
-    torch.save(g_state, root / "G.pth")
-    torch.save(d_state, root / "D.pth")
+    counter = request.param == "torch-0.4.1+"
+    g_state, d_state = port_generator_state(counter=counter), port_discriminator_state()
+    prefix = "module." if request.param.startswith("dataparallel") else ""
+    torch.save({prefix + k: v for k, v in g_state.items()}, root / "G.pth")
+    torch.save({prefix + k: v for k, v in d_state.items()}, root / "D.pth")
     done = _cli("import-port", "--g", str(root / "G.pth"), "--d", str(root / "D.pth"), "--out", str(root / "out"))
     assert done.returncode == 0, done.stderr
-    return {"root": root, "g_state": g_state, "d_state": d_state, "out": root / "out"}
+    return {"root": root, "g_state": g_state, "d_state": d_state, "out": root / "out", "counter": counter}
 
 
 def test_generator_gives_the_ports_images(imported: dict):
@@ -157,6 +182,8 @@ def test_generator_gives_the_ports_images(imported: dict):
     print(f"import-port G max abs pixel difference: {diff:.3g}")
     assert diff < 1e-5
     assert theirs.std() > 0.05  # the images are not flat: the comparison means something
+    counters = [int(g.blocks[i].bn.bn.num_batches_tracked) for i in range(4)]
+    assert counters == ([100] * 4 if imported["counter"] else [0] * 4)  # a missing counter defaults to 0
     # attention matters: zeroing gamma in the reference moves the pixels far more than our error
     no_attn = {**imported["g_state"], "attn1.gamma": torch.zeros(1), "attn2.gamma": torch.zeros(1)}
     with torch.no_grad():
@@ -195,9 +222,9 @@ def test_the_import_samples_and_keeps_a_recipe(imported: dict):
     assert (images.int() - expected.int()).abs().max() <= 1  # a pixel may round the other way
 
 
-def test_dataparallel_prefix_and_generator_only(imported: dict, tmp_path: Path):
-    state = {f"module.{k}": v for k, v in imported["g_state"].items()}
-    torch.save(state, tmp_path / "G.pth")
+def test_generator_only(tmp_path: Path):
+    """--g alone (here DataParallel-saved, from before the counter) writes g.safetensors and the recipe."""
+    torch.save({f"module.{k}": v for k, v in port_generator_state(counter=False).items()}, tmp_path / "G.pth")
     from sagan_cli.port import import_port
 
     import_port(tmp_path / "G.pth", None, tmp_path / "out")
