@@ -29,6 +29,20 @@ from sagan_cli.errors import UserError
 from sagan_cli.models import Discriminator, Generator
 
 KINDS = ("generator", "discriminator")
+# Upper bounds on the size-like fields a file may ask for (resolution, channels and attention sizes are
+# already limited to a few values by validate_model). A file is untrusted: without these, metadata saying
+# num_classes = 10**11 made `sagan sample` allocate until the machine was killed. Each bound is far
+# above any published GAN (BigGAN: 1,000 classes, z 120-128, width 96-128).
+MODEL_SIZE_LIMITS = {"num_classes": 100_000, "z_dim": 4096, "g_ch": 512, "d_ch": 512}
+
+
+def check_model_sizes(config: ModelConfig, source: str) -> None:
+    """Refuse a model config whose sizes no sagan model has, before any module is built."""
+    for key, limit in MODEL_SIZE_LIMITS.items():
+        value = getattr(config, key)
+        if not 0 <= value <= limit:
+            raise UserError(f"{source} asks for model.{key} = {value}, beyond what sagan builds (at most {limit}); "
+                            "the file is damaged or not from sagan")
 
 
 @dataclass
@@ -106,8 +120,9 @@ def read_info(path: str | Path) -> CheckpointInfo:
     try:
         config = ModelConfig.from_json(meta["sagan.config"])
         step = int(meta.get("sagan.step", "0"))
-    except (UserError, ValueError, json.JSONDecodeError) as exc:
+    except (UserError, ValueError, TypeError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} has a damaged model config in its metadata: {exc}") from None
+    check_model_sizes(config, str(path))
     return CheckpointInfo(
         kind=meta["sagan.kind"],
         config=config,

@@ -145,6 +145,23 @@ def _read_metadata(path: Path) -> dict[str, str]:
                         "give a file written by `sagan classifier train`") from None
 
 
+# Bounds on what a classifier file may ask for (it is untrusted: a huge width or class count would
+# allocate until the machine is killed).
+CLASSIFIER_SIZE_LIMITS = {"resolution": (8, 1024), "num_classes": (2, 100_000), "width": (1, 1024)}
+
+
+def check_classifier_sizes(config: ClassifierConfig, path: Path) -> None:
+    """Refuse sizes no classifier of ours has, before the model is built."""
+    for key, (low, high) in CLASSIFIER_SIZE_LIMITS.items():
+        value = getattr(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise UserError(f"classifier {path} asks for {key} = {value!r}, outside {low}-{high}; the file is "
+                            "damaged or not from `sagan classifier train`")
+    if config.channels not in (1, 3) or isinstance(config.channels, bool):
+        raise UserError(f"classifier {path} asks for channels = {config.channels!r}, not 1 or 3; the file is "
+                        "damaged or not from `sagan classifier train`")
+
+
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[Classifier, ClassifierInfo]:
     """The classifier a file holds (eval mode), its weights checked against their hash."""
     path = Path(path).expanduser()
@@ -155,6 +172,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tup
         raise UserError(f"{path} {what}, not a classifier; train one with `sagan classifier train RECIPE`")
     try:
         config = ClassifierConfig(**json.loads(meta["sagan.classifier_config"]))
+        check_classifier_sizes(config, path)
         info = ClassifierInfo(
             config, meta["sagan.weights_sha256"], meta["sagan.dataset"], json.loads(meta["sagan.class_names"]),
             float(meta["sagan.test_accuracy"]), int(meta["sagan.test_images"]), meta["sagan.test_set"],

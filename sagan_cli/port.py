@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sagan_cli.checkpoint import save_model
+from sagan_cli.checkpoint import check_model_sizes, save_model
 from sagan_cli.config import ModelConfig, recipe_from_dict
 from sagan_cli.errors import UserError
 from sagan_cli.models import Discriminator, Generator
@@ -112,9 +112,13 @@ def port_config(g_state: dict | None, d_state: dict | None) -> ModelConfig:
             raise UserError("--d has no l4 layers: the port only runs at imsize 64 (its forward always calls l4)")
     if g_ch % 8 or d_ch % 8:
         raise UserError(f"conv_dim must be a multiple of 8 (its attention uses conv_dim / 8 channels), got {g_ch}/{d_ch}")
-    return ModelConfig(arch="dcgan", resolution=RESOLUTION, z_dim=z_dim, g_ch=g_ch, d_ch=d_ch, attention="seed",
-                       g_attention=sorted(G_ATTENTION.values()), d_attention=sorted(D_ATTENTION.values(), reverse=True),
-                       sn_last_layer=False, init="default")
+    config = ModelConfig(arch="dcgan", resolution=RESOLUTION, z_dim=z_dim, g_ch=g_ch, d_ch=d_ch, attention="seed",
+                         g_attention=sorted(G_ATTENTION.values()), d_attention=sorted(D_ATTENTION.values(), reverse=True),
+                         sn_last_layer=False, init="default")
+    if z_dim < 1 or g_ch < 8 or d_ch < 8:  # a tensor with a 0 dimension holds nothing
+        raise UserError(f"the port's first layers give z_dim {z_dim} and conv_dim {g_ch}/{d_ch}: not a checkpoint of its model")
+    check_model_sizes(config, "--g/--d")  # sizes come from tensor shapes: an empty tensor can claim any
+    return config
 
 
 def port_sigma(weight: torch.Tensor, u: torch.Tensor) -> float:

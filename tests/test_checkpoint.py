@@ -116,3 +116,67 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+
+
+def _with_metadata(src, dst, **changes):
+    """A copy of a file whose JSON config metadata (key `config_key`) has `changes`: as a damaged or hostile
+    file would say."""
+    from safetensors import safe_open
+
+    key = changes.pop("config_key", "sagan.config")
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta[key] = json.dumps({**json.loads(meta[key]), **changes})
+    save_file(load_file(str(src)), str(dst), metadata=meta)
+    return dst
+
+
+def _limited_cli(*args):
+    """The real command line in a process that may map at most 20 GB: before the bounds, the absurd sizes
+    below allocated until the process died (or the machine did)."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (20 * 2**30, 20 * 2**30))
+
+    return subprocess.run([sys.executable, "-m", "sagan_cli", *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=limit, timeout=300)
+
+
+@pytest.mark.parametrize("field, value", [("num_classes", 10**11), ("num_classes", 10**8), ("z_dim", 10**9),
+                                          ("g_ch", 2**20), ("d_ch", 2**24)])
+def test_absurd_sizes_in_a_checkpoint_are_refused_before_any_allocation(tmp_path, trained, field, value):
+    g, d = trained
+    for kind, model in (("g", g), ("d", d)):
+        good = save_model(tmp_path / f"{kind}.safetensors", model, step=1)
+        bad = _with_metadata(good, tmp_path / f"{kind}-bad.safetensors", **{field: value})
+        with pytest.raises(UserError, match=f"model.{field} = {value}, beyond"):
+            read_info(bad)
+    if (field, value) != ("num_classes", 10**11):  # the command line once: it costs a few seconds a call
+        return
+    photo = tmp_path / "photo.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(photo)
+    for args in (["sample", "--ckpt", tmp_path / "g-bad.safetensors", "-n", 1, "--out", tmp_path / "s"],
+                 ["attn-map", photo, "--ckpt", tmp_path / "d-bad.safetensors", "--out", tmp_path / "a.png"],
+                 ["export", "--ckpt", tmp_path / "g-bad.safetensors", "--format", "torchscript"]):
+        done = _limited_cli(*args)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1, \
+            (args[0], done.returncode, done.stderr[-500:])
+        assert f"model.{field} = {value}" in done.stderr
+
+
+@pytest.mark.parametrize("field, value", [("width", 10**9), ("num_classes", 10**10), ("resolution", 10**6),
+                                          ("channels", 7), ("width", True)])
+def test_absurd_sizes_in_a_classifier_file_are_refused(tmp_path, field, value):
+    from sagan_cli.classifier import Classifier, ClassifierConfig, load_classifier, save_classifier
+
+    good = tmp_path / "c.safetensors"
+    save_classifier(good, Classifier(ClassifierConfig(3, 32, 3, 8)), dataset="x", class_names=["a", "b", "c"],
+                    test_accuracy=0.5, test_images=1, test_set="none", train_images=1, epochs=1)
+    bad = _with_metadata(good, tmp_path / "bad.safetensors", config_key="sagan.classifier_config", **{field: value})
+    with pytest.raises(UserError, match=f"{field} = {value!r}"):
+        load_classifier(bad)
