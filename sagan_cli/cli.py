@@ -346,14 +346,17 @@ def export(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="Generator checkpoint (a run's g.safetensors).")],
     fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file. \\[default: CKPT with .onnx / .pt]")] = None,
-    check: Annotated[int, typer.Option("--check", help="Images compared with the original model after export.")] = 5,
+    check: Annotated[int, typer.Option("--check", help="Batch size compared with the original model after export "
+                                        "(besides the traced batch size, 2).")] = 5,
 ) -> None:
     """Export a generator (class input when conditional; spectral norm folded) for serving, then verify it."""
-    from sagan_cli.export import export_generator
+    from sagan_cli.export import check_batch_sizes, export_generator
 
     path, difference = export_generator(ckpt, fmt, out, check_samples=check)
     runner = "onnxruntime" if fmt == "onnx" else "the reloaded TorchScript module"
-    print(f"wrote {path}; max |difference| to the original on {check} images ({runner}): {difference:.3g}")
+    traced, other = check_batch_sizes(check)
+    print(f"wrote {path}; max |difference| to the original at batch sizes {traced} (traced) and {other} "
+          f"({runner}): {difference:.3g}")
 
 
 def main() -> None:

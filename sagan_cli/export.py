@@ -4,8 +4,8 @@ Spectral norm is folded first: on a copy, every parametrisation is removed with 
 (weight / sigma from the stored singular vectors, no power iteration), so the exported graph holds
 plain weights and computes exactly what `sagan sample` does. BatchNorm uses its running statistics.
 Inputs: z [B, z_dim] float32 (and y [B] int64 for a class-conditional model); output: images
-[B, 3, R, R] in [-1, 1]. The batch dimension is dynamic; the check runs at another batch size than
-the one traced.
+[B, C, R, R] in [-1, 1] (C = 1 for a grayscale model, else 3). The batch dimension is dynamic; the check
+runs at the batch size traced AND at another one, so a graph that baked the batch size in is caught.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from sagan_cli.errors import UserError, check_writable
 from sagan_cli.sample import make_labels, make_noise
 
 FORMATS = ("onnx", "torchscript")
+TRACE_BATCH = 2  # the batch size the graph is traced (exported) at
 SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 OPSET = 17
 
@@ -101,6 +102,11 @@ def _run_torchscript(path: Path, inputs: tuple) -> torch.Tensor:
             return loaded(*inputs)
 
 
+def check_batch_sizes(check_samples: int) -> list[int]:
+    """The batch sizes an export is checked at: the traced one and `check_samples` (one more when equal)."""
+    return [TRACE_BATCH, check_samples if check_samples != TRACE_BATCH else TRACE_BATCH + 1]
+
+
 def export_generator(ckpt: str | Path, fmt: str = "onnx", out: str | Path | None = None, *,
                      check_samples: int = 5, seed: int = 0) -> tuple[Path, float]:
     """Export the generator of `ckpt`; return the file and the largest |difference| to the original model."""
@@ -120,17 +126,20 @@ def export_generator(ckpt: str | Path, fmt: str = "onnx", out: str | Path | None
     config = info.config
     plain = fold_parametrizations(load_model(ckpt, expect="generator", device="cpu")[0])
     wrapper = (ConditionalGenerator if config.num_classes else UnconditionalGenerator)(plain).eval()
-    example = _inputs(config, 2, seed=seed + 1)  # traced at batch 2, checked at another batch size
+    example = _inputs(config, TRACE_BATCH, seed=seed + 1)
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         (_export_onnx if fmt == "onnx" else _export_torchscript)(wrapper, example, tmp)
-        check = _inputs(config, check_samples, seed=seed)
-        with torch.no_grad():
-            expected = generator(*check)  # the original, spectral norm still parametrised
-        got = (_run_onnx if fmt == "onnx" else _run_torchscript)(tmp, check)
-        if got.shape != expected.shape:
-            raise RuntimeError(f"the exported model gave shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
-        difference = float((got - expected).abs().max())
+        difference = 0.0
+        for batch in check_batch_sizes(check_samples):
+            check = _inputs(config, batch, seed=seed)
+            with torch.no_grad():
+                expected = generator(*check)  # the original, spectral norm still parametrised
+            got = (_run_onnx if fmt == "onnx" else _run_torchscript)(tmp, check)
+            if got.shape != expected.shape:
+                raise RuntimeError(f"the exported model gave shape {tuple(got.shape)} at batch size {batch}, "
+                                   f"expected {tuple(expected.shape)}")
+            difference = max(difference, float((got - expected).abs().max()))
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -142,3 +142,39 @@ def test_export_cli_prints_the_difference(ckpts: dict[str, Path], tmp_path: Path
     done = _cli("export", "--ckpt", str(ckpts["g"]), "--format", "torchscript", "--out", str(tmp_path / "g.pt"))
     assert done.returncode == 0, done.stderr
     assert "max |difference| to the original" in done.stdout and (tmp_path / "g.pt").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_check_covers_the_traced_batch_size_and_another(fmt: str, ckpts: dict[str, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    """`--check 2` (the traced batch size) still runs the exported graph at another batch size too (issue 18)."""
+    if fmt == "onnx":
+        pytest.importorskip("onnx")
+        pytest.importorskip("onnxruntime")
+    from sagan_cli import export
+
+    runner = "_run_onnx" if fmt == "onnx" else "_run_torchscript"
+    real_runner, batches = getattr(export, runner), []
+
+    def recording(path, inputs):  # the real runtime, recording the batch sizes it is given
+        batches.append(int(inputs[0].shape[0]))
+        return real_runner(path, inputs)
+
+    monkeypatch.setattr(export, runner, recording)
+    for check in (2, 5):
+        batches.clear()
+        _, difference = export.export_generator(ckpts["cond"], fmt, tmp_path / f"g-{check}.{fmt}", check_samples=check)
+        assert sorted(batches) == ([2, 3] if check == 2 else [2, 5])  # traced at 2
+        assert difference < 1e-4
+
+
+def test_export_of_a_grayscale_generator_draws_one_channel(tmp_path: Path):
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "grey.safetensors",
+                      _trained_looking(Generator(ModelConfig(**TINY, num_classes=3, channels=1))), step=1)
+    done = _cli("export", "--ckpt", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "g.pt"), "--check", "2")
+    assert done.returncode == 0, done.stderr
+    assert "batch sizes 2 (traced) and 3" in done.stdout
+    module = torch.jit.load(str(tmp_path / "g.pt"))
+    with torch.no_grad():
+        assert module(make_noise(4, 16, seed=0), torch.arange(4) % 3).shape == (4, 1, 32, 32)
