@@ -179,3 +179,14 @@ def test_discriminator_checkpoint_is_refused_by_the_real_script(ckpts: dict[str,
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "g.safetensors" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_readme_states_what_the_code_does() -> None:
+    """Three README claims that were wrong (issue 18): checked against the code's behaviour where cheap."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    # fp16: step.py keeps one GradScaler per network
+    assert "one scaler for both optimizers" not in readme and "one scaler per network" in readme
+    # sampling: only the same batch size is byte-identical (test_batch_size_does_not_change_the_images allows 1 level)
+    assert "whatever `--batch-size`" not in readme and "same `--seed` and `--batch-size`" in readme
+    # export: a grayscale model's images have one channel
+    assert "[B, 3, R, R]" not in readme and "[B, C, R, R] in [-1, 1] (C = 1 for a grayscale model" in readme
