@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from sagan_cli.checkpoint import check_model_sizes, save_model
@@ -65,8 +66,9 @@ def load_port_state(path: str | Path, option: str) -> dict[str, torch.Tensor]:
         detail = next((line.strip() for line in reversed(text.splitlines()) if line.strip().startswith("Unsupported")),
                       text.splitlines()[0] if text else "unreadable")
         raise UserError(f"{option} {path} is not a PyTorch checkpoint that can be loaded safely ({detail})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise UserError(f"{option} {path} is not a PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as exc:  # this torch's load may hand a
+        # file to safetensors (seen with a torch.save file named .safetensors): its errors are the file's too
+        raise UserError(f"{option} {path} is not a PyTorch checkpoint ({(str(exc) or type(exc).__name__).splitlines()[0]})") from None
     if not isinstance(state, dict) or not state or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise UserError(
             f"{option} {path} is not a state dict (a dict of tensors); the port saves one with "
