@@ -47,6 +47,33 @@ def _is_grayscale(path: Path) -> bool:
         return False  # the dataset reports unreadable files itself
 
 
+DEFLATE_MAX_RATIO = 1100  # deflate expands at most ~1032:1; a member claiming more is lying
+
+
+def check_npz_sizes(path: Path) -> None:
+    """Refuse an .npz whose array headers ask for more bytes than the file can hold, before numpy
+    allocates them (numpy sizes its buffer from the header: a tiny file could ask for terabytes)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            on_disk = path.stat().st_size
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(member, max_header_size=10000)
+                wanted = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                possible = min(info.file_size, DEFLATE_MAX_RATIO * min(info.compress_size, on_disk) + 1024)
+                if wanted > possible:
+                    raise UserError(f"{path}: its {info.filename} says {dtype} {tuple(shape)} ({wanted:,} bytes), "
+                                    "more than the file holds; the file is damaged")
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise UserError(f"{path} is not an .npz with an `images` array ({str(exc)[:120]}); "
+                        "write one with `sagan sample --format npz`") from None
+
+
 def load_samples(path: Path) -> tuple[UInt8Images, int, torch.Tensor | None]:
     """(images, their size, intended labels or None) from a folder of images or a `sagan sample --format npz` file.
 
@@ -61,6 +88,7 @@ def load_samples(path: Path) -> tuple[UInt8Images, int, torch.Tensor | None]:
         return UInt8Images(images), images.resolution, None
     if path.suffix.lower() != ".npz" or not path.is_file():
         raise UserError(f"--samples {path}: give a folder of images or the .npz that `sagan sample --format npz` writes")
+    check_npz_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             images = npz["images"]

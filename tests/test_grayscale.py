@@ -170,3 +170,27 @@ def test_eval_reads_grayscale_npz_samples(tmp_path):
     assert size == 8 and len(loaded) == 5 and loaded[2].shape == (3, 8, 8)  # feature extractors see RGB
     assert all(np.array_equal(loaded[2][c].numpy(), images[2, :, :, 0]) for c in range(3))
     assert labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_eval_refuses_an_npz_whose_header_asks_for_more_than_the_file_holds(tmp_path):
+    """An .npz is untrusted: numpy sizes its buffer from the array header, so a 1 kB file claiming
+    10^6 x 1024 x 1024 x 3 images would allocate 3 TB. It is refused first (one error, exit 2)."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    from sagan_cli.eval_command import load_samples
+    from sagan_cli.errors import UserError
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10**6, 1024, 1024, 3)})
+    path = tmp_path / "liar.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("images.npy", np.lib.format.MAGIC_PREFIX + bytes([1, 0]) + header.getvalue()[8:] + b"\0" * 64)
+    with pytest.raises(UserError, match="more than the file holds"):
+        load_samples(path)
+    good = tmp_path / "good.npz"  # a real compressed file of zeros (ratio ~1000:1) is still read
+    np.savez_compressed(good, images=np.zeros((40, 64, 64, 3), np.uint8))
+    assert len(load_samples(good)[0]) == 40
