@@ -92,3 +92,32 @@ def test_report_and_interpolate_on_every_kind_of_model(kind: tuple, tmp_path: Pa
         ["classes.png", "classes.gif"] if classes else [])
     with Image.open(files[0]) as sheet:
         assert sheet.mode == ("L" if channels == 1 else "RGB") and sheet.size == (2 * 34 + 2, 34 + 2)
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=kind_id)
+def test_sample_attn_map_and_export_on_every_kind_of_model(kind: tuple, tmp_path: Path) -> None:
+    from sagan_cli.attn_map_command import attn_map_command
+    from sagan_cli.errors import UserError
+    from sagan_cli.export import export_generator
+    from sagan_cli.sample import sample_images
+
+    channels, classes, _, attention = kind
+    run = make_run(tmp_path, kind)
+    mode = "L" if channels == 1 else "RGB"
+    out = sample_images(run / "g.safetensors", 3, tmp_path / "s", batch_size=2, device="cpu")
+    assert Image.open(out / "000002.png").mode == mode
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (20, 90, 200)).save(photo)
+    for ckpt, image in ((run / "g.safetensors", None), (run / "d.safetensors", photo)):
+        if attention == "none":
+            with pytest.raises(UserError):
+                attn_map_command(ckpt, image, out=tmp_path / "a.png", device="cpu")
+        else:
+            summary = attn_map_command(ckpt, image, out=tmp_path / "a.png", class_=1 if classes else None, device="cpu")
+            assert summary["layers"]
+    exported, difference = export_generator(run / "g.safetensors", "torchscript", tmp_path / "g.pt", check_samples=3)
+    assert difference < 1e-4
+    module = torch.jit.load(str(exported))
+    with torch.no_grad():
+        inputs = (torch.randn(3, 8),) + ((torch.tensor([0, 1, 2]),) if classes else ())
+        assert module(*inputs).shape == (3, channels, 32, 32)
