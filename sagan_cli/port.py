@@ -68,7 +68,8 @@ def load_port_state(path: str | Path, option: str) -> dict[str, torch.Tensor]:
         raise UserError(f"{option} {path} is not a PyTorch checkpoint that can be loaded safely ({detail})") from None
     except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as exc:  # this torch's load may hand a
         # file to safetensors (seen with a torch.save file named .safetensors): its errors are the file's too
-        raise UserError(f"{option} {path} is not a PyTorch checkpoint ({(str(exc) or type(exc).__name__).splitlines()[0]})") from None
+        detail = (str(exc) or type(exc).__name__).splitlines()[0]
+        raise UserError(f"{option} {path} is not a PyTorch checkpoint ({detail})") from None
     if not isinstance(state, dict) or not state or not all(isinstance(value, torch.Tensor) for value in state.values()):
         raise UserError(
             f"{option} {path} is not a state dict (a dict of tensors); the port saves one with "
@@ -115,10 +116,12 @@ def port_config(g_state: dict | None, d_state: dict | None) -> ModelConfig:
     if g_ch % 8 or d_ch % 8:
         raise UserError(f"conv_dim must be a multiple of 8 (its attention uses conv_dim / 8 channels), got {g_ch}/{d_ch}")
     config = ModelConfig(arch="dcgan", resolution=RESOLUTION, z_dim=z_dim, g_ch=g_ch, d_ch=d_ch, attention="seed",
-                         g_attention=sorted(G_ATTENTION.values()), d_attention=sorted(D_ATTENTION.values(), reverse=True),
+                         g_attention=sorted(G_ATTENTION.values()),
+                         d_attention=sorted(D_ATTENTION.values(), reverse=True),
                          sn_last_layer=False, init="default")
     if z_dim < 1 or g_ch < 8 or d_ch < 8:  # a tensor with a 0 dimension holds nothing
-        raise UserError(f"the port's first layers give z_dim {z_dim} and conv_dim {g_ch}/{d_ch}: not a checkpoint of its model")
+        raise UserError(f"the port's first layers give z_dim {z_dim} and conv_dim {g_ch}/{d_ch}: "
+                        "not a checkpoint of its model")
     check_model_sizes(config, "--g/--d")  # sizes come from tensor shapes: an empty tensor can claim any
     return config
 

@@ -172,7 +172,8 @@ def test_export_of_a_grayscale_generator_draws_one_channel(tmp_path: Path):
     torch.manual_seed(0)
     ckpt = save_model(tmp_path / "grey.safetensors",
                       _trained_looking(Generator(ModelConfig(**TINY, num_classes=3, channels=1))), step=1)
-    done = _cli("export", "--ckpt", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "g.pt"), "--check", "2")
+    done = _cli("export", "--ckpt", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "g.pt"),
+                "--check", "2")
     assert done.returncode == 0, done.stderr
     assert "batch sizes 2 (traced) and 3" in done.stdout
     module = torch.jit.load(str(tmp_path / "g.pt"))

@@ -147,7 +147,8 @@ def test_the_reference_states_have_the_ports_real_widths():
     assert g["l3.1.running_mean"].shape == (128,) and g["attn1.value_conv.weight"].shape == (128, 128, 1, 1)
     assert g["l4.1.running_mean"].shape == (64,) and g["attn2.query_conv.weight"].shape == (8, 64, 1, 1)
     assert d["l3.0.module.weight_bar"].shape == (256, 128, 4, 4) and d["attn1.key_conv.weight"].shape == (32, 256, 1, 1)
-    assert d["l4.0.module.weight_bar"].shape == (512, 256, 4, 4) and d["attn2.value_conv.weight"].shape == (512, 512, 1, 1)
+    assert d["l4.0.module.weight_bar"].shape == (512, 256, 4, 4)
+    assert d["attn2.value_conv.weight"].shape == (512, 512, 1, 1)
     assert "l1.1.num_batches_tracked" not in port_generator_state(counter=False)
 
 
