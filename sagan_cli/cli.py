@@ -370,6 +370,11 @@ def main() -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
+        from sagan_cli.launcher import peer_failure
+
+        if line := peer_failure(exc):  # another process of the run died: one line, not a collective's traceback
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(1)
         # Usage errors (unknown option, bad value). Typer >= 0.20 vendors click, so match by shape.
         if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
             raise
