@@ -221,7 +221,8 @@ def main() -> None:
     parser.add_argument("--kill", choices=["launcher", "group"], default="launcher")
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--latest", type=float, default=40.0, help="kill within this many seconds of each start")
+    parser.add_argument("--latest", type=float, help="kill within this many seconds of each start "
+                        "(default: the straight run's wall time)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="keep the run folders here")
     args = parser.parse_args()
@@ -236,8 +237,13 @@ def main() -> None:
         if run_to_end(straight, settings, base / "straight.log", resume=False) != 0:
             sys.exit(f"the straight run failed; see {base / 'straight.log'}")
     straight_s = time.monotonic() - began
+    if args.latest is None:
+        args.latest = json.loads((base / "straight.json").read_text())["seconds"] if (base / "straight.json").exists() \
+            else straight_s
+        (base / "straight.json").write_text(json.dumps({"seconds": args.latest}))
     print(f"{args.kills} x SIGKILL to the {'launcher alone' if args.kill == 'launcher' else 'whole job'}, "
-          f"{args.steps} steps, 2 gloo processes; straight run {straight_s:.0f} s; load {os.getloadavg()[0]:.1f}")
+          f"{args.steps} steps, 2 gloo processes; each kill within {args.latest:.0f} s of a start; "
+          f"load {os.getloadavg()[0]:.1f}")
     print(f"{'kill':>4}  {'step reached':>12}  {'left at 30 s':>12}  {'gone after':>10}  next start")
     began, restarts = time.monotonic(), 0
     for number, reached, left, seconds, next_start in kill_and_resume(

@@ -358,6 +358,9 @@ def export(
 
 def main() -> None:
     """Entry point of the `sagan` script: user errors become one line on stderr and exit code 2."""
+    from sagan_cli.launcher import die_with_launcher
+
+    die_with_launcher()  # under torchrun, before torch loads: a launcher killed during start-up takes us along
     try:
         app(standalone_mode=False)
     except UserError as exc:
