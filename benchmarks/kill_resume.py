@@ -208,11 +208,20 @@ def kill_and_resume(out: Path, settings: dict, log: Path, *, mode: str, kills: i
         raise RuntimeError(f"the last start failed (exit code {code}); see {log}")
 
 
-def random_moment(rng: random.Random, latest: float):
+def random_moment(rng: random.Random, steps: int, startup_share: float = 0.25):
+    """A kill moment: a random time in the first 10 s of a start (imports, rendezvous, lock, resume) with
+    probability `startup_share`, else a random step past any the log holds, plus up to half a second."""
     def wait(proc: subprocess.Popen, out: Path, number: int) -> None:
-        deadline = time.monotonic() + rng.uniform(0.5, latest)
-        while time.monotonic() < deadline and proc.poll() is None:
+        if rng.random() < startup_share:
+            deadline = time.monotonic() + rng.uniform(0.5, 10.0)
+            while time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            return
+        first = max(logged_steps(out), default=0) + 1
+        target = rng.randint(first, steps - 1) if first < steps else steps
+        while max(logged_steps(out), default=0) < target and proc.poll() is None:
             time.sleep(0.05)
+        time.sleep(rng.uniform(0, 0.5))
     return wait
 
 
@@ -221,8 +230,7 @@ def main() -> None:
     parser.add_argument("--kill", choices=["launcher", "group"], default="launcher")
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--latest", type=float, help="kill within this many seconds of each start "
-                        "(default: the straight run's wall time)")
+    parser.add_argument("--startup-share", type=float, default=0.25, help="share of kills during start-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="keep the run folders here")
     args = parser.parse_args()
@@ -236,19 +244,16 @@ def main() -> None:
         shutil.rmtree(straight, ignore_errors=True)
         if run_to_end(straight, settings, base / "straight.log", resume=False) != 0:
             sys.exit(f"the straight run failed; see {base / 'straight.log'}")
-    straight_s = time.monotonic() - began
-    if args.latest is None:
-        args.latest = json.loads((base / "straight.json").read_text())["seconds"] if (base / "straight.json").exists() \
-            else straight_s
-        (base / "straight.json").write_text(json.dumps({"seconds": args.latest}))
+        (base / "straight.json").write_text(json.dumps({"seconds": time.monotonic() - began}))
+    straight_s = json.loads((base / "straight.json").read_text())["seconds"]
     print(f"{args.kills} x SIGKILL to the {'launcher alone' if args.kill == 'launcher' else 'whole job'}, "
-          f"{args.steps} steps, 2 gloo processes; each kill within {args.latest:.0f} s of a start; "
+          f"{args.steps} steps, 2 gloo processes; straight run {straight_s:.0f} s; "
           f"load {os.getloadavg()[0]:.1f}")
     print(f"{'kill':>4}  {'step reached':>12}  {'left at 30 s':>12}  {'gone after':>10}  next start")
     began, restarts = time.monotonic(), 0
-    for number, reached, left, seconds, next_start in kill_and_resume(
-            killed, settings, log, mode=args.kill, kills=args.kills, moment=random_moment(random.Random(args.seed),
-                                                                                        args.latest)):
+    moment = random_moment(random.Random(args.seed), args.steps, args.startup_share)
+    for number, reached, left, seconds, next_start in kill_and_resume(killed, settings, log, mode=args.kill,
+                                                                      kills=args.kills, moment=moment):
         restarts += next_start == "start over"
         print(f"{number:>4}  {reached:>12}  {left:>12}  {seconds:>9.1f}s  {next_start}", flush=True)
     total = time.monotonic() - began

@@ -67,8 +67,11 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            if _same_file(self.fd, self.path):
-                self.path.unlink()  # while still locked: a newcomer that opened it re-checks the inode
+            try:
+                if _same_file(self.fd, self.path):
+                    self.path.unlink()  # while still locked: a newcomer that opened it re-checks the inode
+            except OSError:
+                pass  # a read-only or vanished folder: the lock itself goes with the descriptor
             os.close(self.fd)
             self.fd = None
         self._tidy()
