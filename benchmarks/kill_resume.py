@@ -208,18 +208,28 @@ def kill_and_resume(out: Path, settings: dict, log: Path, *, mode: str, kills: i
         raise RuntimeError(f"the last start failed (exit code {code}); see {log}")
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
 def random_moment(rng: random.Random, steps: int, startup_share: float = 0.25):
     """A kill moment: a random time in the first 10 s of a start (imports, rendezvous, lock, resume) with
-    probability `startup_share`, else a random step past any the log holds, plus up to half a second."""
+    probability `startup_share`, else once the log reaches a random step past the resumed checkpoint (plus up to
+    half a second)."""
     def wait(proc: subprocess.Popen, out: Path, number: int) -> None:
         if rng.random() < startup_share:
             deadline = time.monotonic() + rng.uniform(0.5, 10.0)
             while time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.05)
             return
-        first = max(logged_steps(out), default=0) + 1
+        first = max((int(name[len("step-"):]) for name in states(out)), default=0) + 1  # the resumed step
         target = rng.randint(first, steps - 1) if first < steps else steps
-        while max(logged_steps(out), default=0) < target and proc.poll() is None:
+        stale = _inode(out / "metrics.jsonl")  # lines past the checkpoint stay until the new start rewrites the log
+        while (max(logged_steps(out), default=0) < target or _inode(out / "metrics.jsonl") == stale) \
+                and proc.poll() is None:
             time.sleep(0.05)
         time.sleep(rng.uniform(0, 0.5))
     return wait

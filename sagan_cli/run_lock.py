@@ -62,8 +62,11 @@ class RunLock:
         self.fd = fd
         since = datetime.now().astimezone().isoformat(timespec="seconds")
         info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info, 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info, 0)
+        except OSError:
+            pass  # a full disk: the lock holds all the same; a refused run then names no holder
 
     def release(self) -> None:
         if self.fd is not None:
