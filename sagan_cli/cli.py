@@ -361,6 +361,9 @@ def export(
 
 def main() -> None:
     """Entry point of the `sagan` script: user errors become one line on stderr and exit code 2."""
+    from sagan_cli.launcher import die_with_launcher
+
+    die_with_launcher()  # under torchrun, before torch loads: a launcher killed during start-up takes us along
     try:
         app(standalone_mode=False)
     except UserError as exc:
@@ -373,6 +376,11 @@ def main() -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
+        from sagan_cli.launcher import peer_failure
+
+        if line := peer_failure(exc):  # another process of the run died: one line, not a collective's traceback
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(1)
         # Usage errors (unknown option, bad value). Typer >= 0.20 vendors click, so match by shape.
         if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
             raise

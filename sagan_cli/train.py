@@ -26,10 +26,12 @@ from sagan_cli.batches import Data, Noise
 from sagan_cli.checkpointer import Checkpointer, SkipStreak
 from sagan_cli.config import Recipe
 from sagan_cli.data import build_dataset
+from sagan_cli.launcher import die_with_launcher
 from sagan_cli.models import Discriminator, Generator
 from sagan_cli.monitor import Monitor, TrainingLog
 from sagan_cli.nets import BatchNormGuard, build_nets, make_phases
 from sagan_cli.run_folder import check_run_folder, start_run_folder
+from sagan_cli.run_lock import lock_run_folder, releases_run_lock
 from sagan_cli.state import Progress
 from sagan_cli.step import DStats, GStats, Phases
 
@@ -57,11 +59,14 @@ def train_step(phases: Phases, data: Data, noise: Noise, *, d_steps: int,
     return d_stats, g_stats, torch.stack([*skipped, g_stats.bad]).amax()
 
 
+@releases_run_lock
 def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console: Console | None = None) -> TrainResult:
     """Train (or resume) a SAGAN as the recipe says, writing the run directory (README, `sagan train`)."""
     train, run_dir, console = recipe.train, Path(run_dir), console or Console()
     # ---- 1. processes and checks: a bad folder, recipe, dataset or weights file is refused before writing ----
+    die_with_launcher()  # under torchrun: this process ends with its launcher
     accelerator = make_accelerator(recipe, run_dir)
+    lock_run_folder(run_dir, accelerator)  # one writer per folder: a second `sagan train` on it is refused
     saved = check_run_folder(recipe, run_dir, resume=resume, world_size=accelerator.num_processes)
     dataset = build_dataset(recipe.data, recipe.model.resolution, recipe.model.num_classes,  # bad data fails here
                             recipe.model.channels)
