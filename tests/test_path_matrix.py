@@ -321,25 +321,34 @@ def model_steps(ctx: Context, *, g: Path, d: Path, data: Path, classifier_recipe
     g_att, d_att = attention
     classifier = root / "classifier.safetensors"
     image_for_d = root / "s-png" / "000000.png"
+    photo = root / "photo.jpg"  # a user's colour photo, for D whatever its channels
+    Image.new("RGB", (50, 40), (200, 40, 40)).save(photo)
+    protocol: dict = {}  # the last eval's --json protocol
 
     def sample_png():
-        out = sagan("sample", "--ckpt", g, "-n", 4, "-b", 3, "--out", root / "s-png", "--seed", 1, "--device", "cpu",
-                    *(["--class", 2] if conditional else []))
-        assert "wrote 4 images" in out
+        out = sagan("sample", "--ckpt", g, "-n", 6, "-b", 4, "--out", root / "s-png", "--seed", 1, "--device", "cpu")
+        assert "wrote 6 images" in out
         names = sorted(p.name for p in (root / "s-png").iterdir())
-        assert names == ["000000.png", "000001.png", "000002.png", "000003.png", "grid.png"], names
-        for name in names[:4]:
+        assert names == [f"{i:06d}.png" for i in range(6)] + ["grid.png"], names
+        for name in names[:6]:
             check_image(root / "s-png" / name, cell.channels, cell.resolution)
         check_image(root / "s-png" / "grid.png", cell.channels)
+        if conditional:  # one class, truncated noise
+            sagan("sample", "--ckpt", g, "-n", 2, "--class", cell.classes - 1, "--truncation", 0.5,
+                  "--out", root / "s-class", "--device", "cpu")
+            check_image(root / "s-class" / "000001.png", cell.channels, cell.resolution)
 
     def sample_npz():
-        sagan("sample", "--ckpt", g, "-n", 6, "--out", root / "s-npz", "--format", "npz", "--device", "cpu")
+        sagan("sample", "--ckpt", g, "-n", 6, "--out", root / "s-npz", "--format", "npz", "--seed", 1, "--device", "cpu")
         with np.load(root / "s-npz" / "samples.npz") as npz:
             images, labels = npz["images"], npz["labels"]
         assert images.shape == (6, cell.resolution, cell.resolution, cell.channels) and images.dtype == np.uint8
         assert images.std() > 0, "blank samples"
         expected = np.arange(6) * cell.classes // 6 if conditional else np.full(6, -1)
-        assert sorted(labels.tolist()) == sorted(expected.tolist()), labels
+        assert labels.tolist() == expected.tolist(), labels
+        # the same seed names the same images in either format, whatever the batch size
+        pngs = np.stack([np.asarray(png(root / "s-png" / f"{i:06d}.png")) for i in range(6)])
+        assert np.array_equal(pngs.reshape(images.shape), images), "the npz images differ from the PNGs of the same seed"
 
     def classifier_train():
         out = sagan("classifier", "train", classifier_recipe, "--set", f"model.num_classes={CLASSIFIER_CLASSES}",
@@ -358,7 +367,10 @@ def model_steps(ctx: Context, *, g: Path, d: Path, data: Path, classifier_recipe
         out = root / "eval.json"
         out.unlink(missing_ok=True)
         sagan("eval", *args, "--json", out, "-q", "--device", "cpu", "-b", 8)
-        values = json.loads(out.read_text())["metrics"]
+        written = json.loads(out.read_text())
+        values = written["metrics"]
+        protocol.clear()
+        protocol.update(written["protocol"])
         assert all(np.isfinite(v) for v in values.values()), values
         return values
 
@@ -371,12 +383,19 @@ def model_steps(ctx: Context, *, g: Path, d: Path, data: Path, classifier_recipe
         values = eval_json("--ckpt", g, "--data", data, "--classifier", classifier, "--metrics", wanted,
                            "-n", 16, "--ref-n", 16)
         assert {"classifier_fid", "classifier_kid_mean"} <= set(values), values
+        assert protocol["num_samples"] == 16 and protocol["num_reference"] == 16, protocol
         assert ("gan_test_accuracy" in values) == conditional, values
 
     def eval_samples():
         values = eval_json("--samples", root / "s-npz" / "samples.npz", "--data", data, "--classifier", classifier,
                            "--ref-n", 12)
         assert "classifier_fid" in values and ("gan_test_accuracy" in values) == conditional, values
+        assert protocol["num_samples"] == 6 and protocol["num_reference"] == 12, protocol
+
+    def eval_samples_png():  # the folder `sagan sample` wrote: its 6 images, not its grid.png as a seventh
+        values = eval_json("--samples", root / "s-png", "--data", data, "--classifier", classifier, "--ref-n", 12)
+        assert "classifier_fid" in values, values
+        assert protocol["num_samples"] == 6, f"scored {protocol['num_samples']} images of a folder of 6 samples"
 
     def attn_map(which: str):
         def check():
@@ -399,7 +418,7 @@ def model_steps(ctx: Context, *, g: Path, d: Path, data: Path, classifier_recipe
 
     def report():
         out = root / "report.html"
-        sagan("report", run, "--out", out, "--samples", 1, "--dataset-images", 1, "--image", image_for_d,
+        sagan("report", run, "--out", out, "--samples", 1, "--dataset-images", 1, "--image", photo,
               "--device", "cpu")
         html = out.read_text()
         if cell.attention == "none":  # no explorer, a note instead
@@ -441,9 +460,10 @@ def model_steps(ctx: Context, *, g: Path, d: Path, data: Path, classifier_recipe
     steps += [
         ("eval-classifier", eval_classifier, (trained,)),  # each needs the classifier file, checked below
         ("eval-samples", eval_samples, ("sample-npz",)),
+        ("eval-samples-png", eval_samples_png, ("sample-png",)),
         ("attn-map-g", attn_map("g"), (trained,)),
         ("attn-map-d", attn_map("d"), (trained, "sample-png")),
-        ("report", report, (trained, "sample-png")),
+        ("report", report, (trained,)),
         ("interpolate", interpolate, (trained,)),
         ("export-onnx", export("onnx"), (trained,)),
         ("export-torchscript", export("torchscript"), (trained,)),
@@ -473,8 +493,19 @@ def cell_steps(ctx: Context) -> list:
         assert set(progress.get("scalers") or {}) == {"d", "g"}, \
             f"fp16 asked for, but no loss scalers were saved (progress.json scalers: {progress.get('scalers')}): ran fp32"
 
+    def resume_exact():  # 2 steps + 2 resumed steps = 4 straight steps, bit for bit (models, EMA, D)
+        from safetensors.torch import load_file
+
+        straight = root / "run-straight"
+        ctx.sagan("train", recipe, "--out", straight, "--set", "train.steps=4")
+        for name in ("g.safetensors", "d.safetensors", "state/step-0000004/models.safetensors"):
+            a, b = load_file(run / name), load_file(straight / name)
+            differ = [k for k in a if not torch.equal(a[k], b[k])]
+            assert a.keys() == b.keys() and not differ, f"{name}: resumed != straight in {differ[:3]}"
+
     fp16 = [("fp16-scaling", fp16_scaling, ("resume",))] if cell.precision == "fp16" else []
-    return [("train", train, ()), ("resume", resume, ("train",)), *fp16,
+    exact = [("resume-exact", resume_exact, ("resume",))] if cell.procs == 1 else []  # torchrun: ~20 s a launch
+    return [("train", train, ()), ("resume", resume, ("train",)), *fp16, *exact,
             *model_steps(ctx, g=run / "g.safetensors", d=run / "d.safetensors", data=run / "config.json",
                          classifier_recipe=recipe, cell=cell, run=run, structure=cell.channels == 3,
                          trained="resume", attention=attention_sizes(cell))]
