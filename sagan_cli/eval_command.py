@@ -40,10 +40,13 @@ def load_samples(path: Path) -> tuple[UInt8Images, int, torch.Tensor | None]:
     """(images, their size, intended labels or None) from a folder of images or a `sagan sample --format npz` file.
 
     A folder is read at its first image's size (others are resized and center-cropped to it) and
-    has no labels; an .npz has them when its `labels` are all >= 0 (a conditional generator's).
+    has no labels (the grid.png of a `sagan sample` folder is left out); an .npz has them when its `labels` are all >= 0 (a conditional generator's).
     """
     if path.is_dir():
         images = build_dataset(DataConfig(kind="folder", path=str(path)), 32)
+        if (path / "000000.png").is_file():  # `sagan sample` output: its grid.png is an overview, not a sample
+            keep = [i for i, file in enumerate(images.files) if file != images.root / "grid.png"]
+            images.files, images.labels = [images.files[i] for i in keep], images.labels[keep]
         images.resolution = min(open_image(images.files[0]).size)  # one walk of the folder, read at its size
         return UInt8Images(images), images.resolution, None
     if path.suffix.lower() != ".npz" or not path.is_file():
