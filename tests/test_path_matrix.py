@@ -133,7 +133,7 @@ def recipe_text(cell: Cell, data_dir: Path | None, *, steps: int = 2) -> str:
     grayscale cells on a folder of 'L' PNGs in class sub-folders with `model.channels = 1`."""
     g_att, d_att = attention_sizes(cell)
     data = ('kind = "synthetic"\nsynthetic_size = 32' if cell.channels == 3
-            else f'kind = "folder"\npath = "{data_dir}"')
+            else f'kind = "folder"\npath = "{data_dir}"') + "\nhflip = true"
     channels = "" if cell.channels == 3 else "channels = 1\n"
     return (f"[data]\n{data}\n"
             f'[model]\narch = "{cell.arch}"\nresolution = {cell.resolution}\nnum_classes = {cell.classes}\n{channels}'
@@ -314,7 +314,8 @@ def explorer(html: str) -> dict:
 
 
 def model_steps(ctx: Context, *, g: Path, d: Path, data: Path, classifier_recipe: Path, cell: Cell,
-                run: Path, structure: bool, trained: str, attention: tuple[list[int], list[int]]) -> list:
+                run: Path, structure: bool, trained: str, attention: tuple[list[int], list[int]],
+                data_folder: Path | None = None) -> list:
     """The commands after training (or import): every one a user runs on a G and D checkpoint."""
     root, sagan = ctx.root, ctx.sagan
     conditional = cell.classes > 0
@@ -393,7 +394,8 @@ def model_steps(ctx: Context, *, g: Path, d: Path, data: Path, classifier_recipe
         assert protocol["num_samples"] == 6 and protocol["num_reference"] == 12, protocol
 
     def eval_samples_png():  # the folder `sagan sample` wrote: its 6 images, not its grid.png as a seventh
-        values = eval_json("--samples", root / "s-png", "--data", data, "--classifier", classifier, "--ref-n", 12)
+        reference = data_folder or data  # grayscale cells: --data is the folder of training images itself
+        values = eval_json("--samples", root / "s-png", "--data", reference, "--classifier", classifier, "--ref-n", 12)
         assert "classifier_fid" in values, values
         assert protocol["num_samples"] == 6, f"scored {protocol['num_samples']} images of a folder of 6 samples"
 
@@ -404,6 +406,7 @@ def model_steps(ctx: Context, *, g: Path, d: Path, data: Path, classifier_recipe
                     "--json", out.with_suffix(".json"), "-p", "3,4", "--device", "cpu"]
             if which == "g":
                 args += ["--seed", 2, *(["--class", 1] if conditional else [])]
+                args += [a for size in g_att[-1:] for a in ("--layer", f"attention.{size}")]
             if cell.attention == "none":  # nothing to show: one clear error line, exit 2
                 code, stdout, err = ctx.sagan_code(*args)
                 assert code == 2 and err.count("\n") == 1 and err.startswith("error:") and "self-attention" in err, \
@@ -411,7 +414,7 @@ def model_steps(ctx: Context, *, g: Path, d: Path, data: Path, classifier_recipe
                 return
             sagan(*args)
             summary = json.loads(out.with_suffix(".json").read_text())
-            sizes = g_att if which == "g" else d_att
+            sizes = g_att[-1:] if which == "g" else d_att
             assert list(summary["layers"]) == [f"attention.{s}" for s in sizes], summary["layers"].keys()
             assert png(out).size[0] > 100
         return check
@@ -434,9 +437,10 @@ def model_steps(ctx: Context, *, g: Path, d: Path, data: Path, classifier_recipe
 
     def interpolate():
         out = root / "interp"
-        sagan("interpolate", "--ckpt", g, "--out", out, "--seeds", "1,2", "--steps", 3, "--device", "cpu",
-              *(["--classes", "0,2"] if conditional else []))
-        expected = ["seeds-slerp.gif", "seeds-slerp.png"] + (["classes.gif", "classes.png"] if conditional else [])
+        options = ["--classes", "0,2", "--class", 1, "--animation", "webp"] if conditional else []
+        sagan("interpolate", "--ckpt", g, "--out", out, "--seeds", "1,2", "--steps", 3, "--device", "cpu", *options)
+        kind = "webp" if conditional else "gif"
+        expected = [f"seeds-slerp.{kind}", "seeds-slerp.png"] + ([f"classes.{kind}", "classes.png"] if conditional else [])
         assert sorted(p.name for p in out.iterdir()) == sorted(expected)
         sheet = png(out / "seeds-slerp.png")
         assert sheet.mode == ("L" if cell.channels == 1 else "RGB"), sheet.mode
@@ -508,7 +512,7 @@ def cell_steps(ctx: Context) -> list:
     return [("train", train, ()), ("resume", resume, ("train",)), *fp16, *exact,
             *model_steps(ctx, g=run / "g.safetensors", d=run / "d.safetensors", data=run / "config.json",
                          classifier_recipe=recipe, cell=cell, run=run, structure=cell.channels == 3,
-                         trained="resume", attention=attention_sizes(cell))]
+                         trained="resume", attention=attention_sizes(cell), data_folder=data_dir)]
 
 
 # ---------------------------------------------------------------- cells from the popular port
@@ -545,7 +549,8 @@ def port_steps(ctx: Context, *, torch03: bool) -> list:
 
 
 SPECIAL = {"port": False, "port-torch03": True}
-ALL_IDS = [c.id for c in CELLS] + list(SPECIAL)
+# the two-process cells first: their launches are the longest items, so they start while the others run
+ALL_IDS = [c.id for c in sorted(CELLS, key=lambda c: -c.procs)] + list(SPECIAL)
 
 
 # ---------------------------------------------------------------- one run per cell per session, shared by tests
