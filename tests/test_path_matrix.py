@@ -6,13 +6,13 @@ that cover every PAIR of values of channels x classes x arch x attention x resol
 CLI runs what a user would: train, train longer with --resume, sample (PNG, npz), classifier train,
 eval (structure scores on synthetic data, classifier metrics from the checkpoint and from the npz),
 attn-map (G and D checkpoints), report, interpolate (seeds; classes when conditional) and export
-(ONNX, TorchScript, each checked here at two batch sizes). Two cells train in two processes. Two more cells start from the popular port's
-state dicts (`sagan import-port`) and go through the same commands.
+(ONNX, TorchScript, each checked here at two batch sizes). Two cells train in two processes. Two more
+cells start from the popular port's state dicts (`sagan import-port`) and go through the same commands.
 
 A cell's commands run once per session, in one test or in whichever test needs the cell first (the
 browser tests reuse a cell's report page); a failure names the cell and every command that failed:
-    tests/test_path_matrix.py::test_cell[c1-cond-resnet-paper-64-bf16]  ->  "... report: error: ..."
-Run one cell: pytest tests/test_path_matrix.py -k c1-cond-resnet-paper-64-bf16
+    test_cell[c1-cond-resnet-seed-64-fp32]: "c1-cond-resnet-seed-64-fp32 report: FAIL: TypeError: ..."
+Run one cell: pytest tests/test_path_matrix.py -k c1-cond-resnet-seed-64-fp32
 Commands run in this process (`run_main`, torch imported once); multi-process training runs under
 torchrun (`ACCELERATE_USE_CPU=true`), two gloo processes.
 """
@@ -27,9 +27,9 @@ import subprocess
 import sys
 import time
 import traceback
-from io import BytesIO
 from collections.abc import Callable
 from dataclasses import dataclass
+from io import BytesIO
 from itertools import combinations
 from pathlib import Path
 from typing import NamedTuple
