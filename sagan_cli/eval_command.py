@@ -40,13 +40,10 @@ def load_samples(path: Path) -> tuple[UInt8Images, int, torch.Tensor | None]:
     """(images, their size, intended labels or None) from a folder of images or a `sagan sample --format npz` file.
 
     A folder is read at its first image's size (others are resized and center-cropped to it) and
-    has no labels (the grid.png of a `sagan sample` folder is left out); an .npz has them when its `labels` are all >= 0 (a conditional generator's).
+    has no labels; an .npz has them when its `labels` are all >= 0 (a conditional generator's).
     """
     if path.is_dir():
         images = build_dataset(DataConfig(kind="folder", path=str(path)), 32)
-        if (path / "000000.png").is_file():  # `sagan sample` output: its grid.png is an overview, not a sample
-            keep = [i for i, file in enumerate(images.files) if file != images.root / "grid.png"]
-            images.files, images.labels = [images.files[i] for i in keep], images.labels[keep]
         images.resolution = min(open_image(images.files[0]).size)  # one walk of the folder, read at its size
         return UInt8Images(images), images.resolution, None
     if path.suffix.lower() != ".npz" or not path.is_file():
@@ -65,6 +62,14 @@ def load_samples(path: Path) -> tuple[UInt8Images, int, torch.Tensor | None]:
         labels = None  # -1: an unconditional generator's samples
     tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     return UInt8Images(tensor), int(images.shape[1]), None if labels is None else torch.from_numpy(labels).long()
+
+
+def without_sample_grid(images: UInt8Images, path: Path) -> UInt8Images:
+    """The images of a `sagan sample` folder (000000.png, ...) without its grid.png, an overview, not a sample."""
+    if not path.is_dir() or not (path / "000000.png").is_file():
+        return images
+    folder = images.source
+    return UInt8Images(folder, [i for i in images.indices if folder.files[i] != folder.root / "grid.png"])
 
 
 def resolve_data(path: Path) -> tuple[DataConfig, int]:
@@ -107,6 +112,7 @@ def eval_command(*, ckpt: Path | None, samples: Path | None, data: Path, num_sam
         resolution, labelled = info.config.resolution, info.config.num_classes > 0
     else:
         source, resolution, labels = load_samples(samples)
+        source = without_sample_grid(source, samples)
         labelled = labels is not None
     if metrics is None:
         metrics = DEFAULT_METRICS if classifier is None else DEFAULT_CLASSIFIER_METRICS + (",gan_test" if labelled else "")
