@@ -105,6 +105,14 @@ def load_samples(path: Path) -> tuple[UInt8Images, int, torch.Tensor | None]:
     return UInt8Images(tensor), int(images.shape[1]), None if labels is None else torch.from_numpy(labels).long()
 
 
+def without_sample_grid(images: UInt8Images, path: Path) -> UInt8Images:
+    """The images of a `sagan sample` folder (000000.png, ...) without its grid.png, an overview, not a sample."""
+    if not path.is_dir() or not (path / "000000.png").is_file():
+        return images
+    folder = images.source
+    return UInt8Images(folder, [i for i in images.indices if folder.files[i] != folder.root / "grid.png"])
+
+
 def resolve_data(path: Path) -> tuple[DataConfig, int]:
     """--data: a recipe (its [data] table and model.num_classes), a run's config.json, or a folder of images."""
     if path.is_dir():
@@ -145,6 +153,7 @@ def eval_command(*, ckpt: Path | None, samples: Path | None, data: Path, num_sam
         resolution, labelled = info.config.resolution, info.config.num_classes > 0
     else:
         source, resolution, labels = load_samples(samples)
+        source = without_sample_grid(source, samples)
         labelled = labels is not None
     if metrics is None:
         metrics = DEFAULT_METRICS if classifier is None else DEFAULT_CLASSIFIER_METRICS + (",gan_test" if labelled else "")

@@ -273,6 +273,27 @@ def test_structure_scores_need_no_weights_and_separate_data_from_noise(tmp_path,
     assert untrained["structure_valid_fraction"] < 0.5
 
 
+def test_a_sample_folder_is_scored_without_its_grid(tmp_path, monkeypatch, capsys):
+    """`sagan sample --out DIR` writes DIR/grid.png beside the samples; `eval --samples DIR` scores the samples only
+    (found by tests/test_path_matrix.py: a folder of 6 samples was scored as 7 images)."""
+    recipe = tmp_path / "synthetic.toml"
+    recipe.write_text('[data]\nkind = "synthetic"\nsynthetic_size = 64\n[model]\nresolution = 32\ng_attention = [16]\nd_attention = [8]\n')
+    torch.manual_seed(0)
+    ckpt = save_model(tmp_path / "g.safetensors", Generator(ModelConfig(**TINY)), step=1)
+    assert sagan(monkeypatch, capsys, "sample", "--ckpt", ckpt, "-n", 6, "--out", tmp_path / "s")[0] == 0
+    assert (tmp_path / "s" / "grid.png").is_file()
+    own = tmp_path / "own"  # a folder of the user's images may hold a grid.png of its own: it counts
+    own.mkdir()
+    for name in ("grid.png", "a.png", "b.png", "c.png", "d.png"):
+        Image.open(tmp_path / "s" / "000001.png").save(own / name)
+    for folder, count in ((tmp_path / "s", 6), (own, 5)):
+        out = tmp_path / "eval.json"
+        code, _, err = sagan(monkeypatch, capsys, "eval", "--samples", folder, "--data", recipe,
+                             "--metrics", "structure", "--json", out)
+        assert code == 0, err
+        assert json.loads(out.read_text())["protocol"]["num_samples"] == count, folder
+
+
 @pytest.mark.slow
 def test_evaluate_generator_conditional_with_inception(weights):
     torch.manual_seed(0)
