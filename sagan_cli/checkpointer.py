@@ -43,7 +43,7 @@ class Checkpointer:
                 scaler.load_state_dict(scaler_states[name])
         if accelerator.is_main_process:
             truncate_log(self.run_dir / "metrics.jsonl", progress.step)
-            console.print(f"resumed from step {progress.step}")
+            console.print(f"resumed from step {progress.step}", markup=False)
         return progress
 
     def save(self, progress: Progress) -> None:
