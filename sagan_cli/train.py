@@ -131,8 +131,10 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     """A fresh Accelerator (a second run in this process may differ), patient while rank 0 evaluates."""
     AcceleratorState._reset_state(reset_partial_state=False)
     patience = [InitProcessGroupKwargs(timeout=EVAL_TIMEOUT)] if recipe.eval.every else None
+    # mixed_precision="no": the recipe alone sets the precision (the phases' one autocast), never the
+    # ACCELERATE_MIXED_PRECISION that `accelerate config` leaves behind (prepare() would wrap the forwards in it)
     return Accelerator(log_with="tensorboard" if recipe.train.tensorboard else None, project_dir=str(run_dir),
-                       kwargs_handlers=patience)
+                       kwargs_handlers=patience, mixed_precision="no")
 
 
 class StopOnCtrlC:

@@ -394,3 +394,18 @@ def test_two_d_steps_with_fresh_fakes_resume_exactly(tmp_path):
     assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
     fresh = weights(run_training(tiny_recipe(train__d_steps=2), tmp_path / "c"))  # reuse_fakes on: another algorithm
     assert any(not torch.equal(straight[k], fresh[k]) for k in straight if k.startswith("g."))
+
+
+@pytest.mark.parametrize("env", ["bf16", "fp16"])
+def test_the_recipe_alone_sets_the_precision_whatever_accelerate_config_says(tmp_path, monkeypatch, env):
+    """`accelerate config` leaves ACCELERATE_MIXED_PRECISION set: a recipe saying "no" still trains in fp32."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+    dtypes = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: dtypes.add(out.dtype) if isinstance(module, torch.nn.Conv2d) else None)
+    try:
+        run_training(tiny_recipe(train__steps=1), tmp_path / "run")
+    finally:
+        hook.remove()
+    assert dtypes == {torch.float32}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["mixed_precision"] == "no"
