@@ -14,14 +14,14 @@ from rich.console import Console
 from sagan_cli.checkpoint import atomic_write
 from sagan_cli.config import Recipe, print_recipe, recipe_from_json
 from sagan_cli.errors import UserError
-from sagan_cli.state import latest_state, read_progress, together
+from sagan_cli.state import latest_state, read_progress, read_rng, together
 
 RUN_FILES = ("config.json", "g.safetensors", "d.safetensors")  # a folder holding any of these is a run
 # Keys whose change would make a saved state meaningless: refused on --resume.
 FROZEN_ON_RESUME = ("train.mixed_precision", "train.ema", "train.batch_size")  # batch size: the data position
 
 
-def check_run_folder(recipe: Recipe, run_dir: Path, *, resume: bool, world_size: int) -> Path | None:
+def check_run_folder(recipe: Recipe, run_dir: Path, *, resume: bool, world_size: int, rank: int = 0) -> Path | None:
     """The state to resume from (None for a new run); refuses what would overwrite or corrupt a run."""
     state = latest_state(run_dir / "state")
     if not resume:
@@ -36,11 +36,12 @@ def check_run_folder(recipe: Recipe, run_dir: Path, *, resume: bool, world_size:
         if saved[table][key] != new[table][key]:
             raise UserError(f"--resume cannot change {dotted} ({saved[table][key]!r} in the saved run, "
                             f"{new[table][key]!r} now); start a new run with another --out")
-    progress, _ = read_progress(state)
+    progress, _ = read_progress(state)  # checked in full (and its sagan version) before anything is written
     if progress.world_size != world_size:
         raise UserError(f"--resume cannot change the number of processes ({progress.world_size} in the saved run, "
                         f"{world_size} now): the data order and each process's noise depend on it; "
                         f"launch {progress.world_size} processes")
+    read_rng(state, rank)
     if recipe.train.steps < progress.step:
         raise UserError(f"train.steps = {recipe.train.steps} is below the saved step {progress.step}; "
                         "--resume only trains longer")

@@ -62,7 +62,8 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
     train, run_dir, console = recipe.train, Path(run_dir), console or Console()
     # ---- 1. processes and checks: a bad folder, recipe, dataset or weights file is refused before writing ----
     accelerator = make_accelerator(recipe, run_dir)
-    saved = check_run_folder(recipe, run_dir, resume=resume, world_size=accelerator.num_processes)
+    saved = check_run_folder(recipe, run_dir, resume=resume, world_size=accelerator.num_processes,
+                             rank=accelerator.process_index)
     dataset = build_dataset(recipe.data, recipe.model.resolution, recipe.model.num_classes,  # bad data fails here
                             recipe.model.channels)
     if recipe.eval.every:

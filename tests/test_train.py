@@ -409,3 +409,79 @@ def test_the_recipe_alone_sets_the_precision_whatever_accelerate_config_says(tmp
         hook.remove()
     assert dtypes == {torch.float32}
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["mixed_precision"] == "no"
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory) -> Path:
+    """A finished 2-step run to copy and damage."""
+    run = tmp_path_factory.mktemp("saved") / "run"
+    run_training(tiny_recipe(train__steps=2), run)
+    return run
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to)
+    return to
+
+
+def edit_json(path: Path, change) -> None:
+    value = json.loads(path.read_text())
+    change(value)
+    path.write_text(json.dumps(value))
+
+
+DAMAGE = {
+    "progress-not-json": ("progress.json", lambda p: p.write_text("{")),
+    "progress-a-list": ("progress.json", lambda p: p.write_text("[]")),
+    "progress-step-a-string": ("progress.json", lambda p: edit_json(p, lambda v: v.update(step="2"))),
+    "progress-missing-batches": ("progress.json", lambda p: edit_json(p, lambda v: v.pop("batches"))),
+    "progress-world-size-0": ("progress.json", lambda p: edit_json(p, lambda v: v.update(world_size=0))),
+    "progress-bad-scaler": ("progress.json", lambda p: edit_json(p, lambda v: v.update(scalers={"d": {"scale": 1}}))),
+    "progress-best-fid-string": ("progress.json", lambda p: edit_json(p, lambda v: v.update(best_fid="inf"))),
+    "rng-not-json": ("rng-rank0.json", lambda p: p.write_bytes(b"\xff\x00")),
+    "rng-missing-numpy": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v.pop("numpy"))),
+    "rng-numpy-position": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v["numpy"].__setitem__(2, 1000))),
+    "rng-python-position": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v["python"][1].__setitem__(-1, 9999))),
+    "rng-python-a-number": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v.update(python=3))),
+    "rng-torch-short": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v.update(torch=v["torch"][:-1]))),
+    "rng-torch-byte-300": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v["torch"].__setitem__(0, 300))),
+    "rng-numpy-keys-strings": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v["numpy"].__setitem__(1, ["a"] * 624))),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_a_damaged_progress_or_rng_file_is_one_error_naming_it(tmp_path, two_step_run, damage):
+    run = copy_run(two_step_run, tmp_path / "run")
+    name, change = DAMAGE[damage]
+    state = latest_state(run / "state")
+    change(state / name)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="damaged") as info:
+        run_training(tiny_recipe(train__steps=3), run, resume=True)
+    assert name in str(info.value) and "\n" not in str(info.value)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing written or lost
+
+
+@pytest.mark.parametrize("version", ["0.0.9", None])
+def test_a_state_written_by_another_release_is_refused(tmp_path, two_step_run, version):
+    import sagan_cli
+
+    run = copy_run(two_step_run, tmp_path / "run")
+    progress = latest_state(run / "state") / "progress.json"
+    assert json.loads(progress.read_text())["version"] == sagan_cli.__version__
+    edit_json(progress, lambda v: v.update(version=version) if version else v.pop("version"))
+    with pytest.raises(UserError, match=f"written by sagan {version or '0.1.0'}.*this is sagan {sagan_cli.__version__}"):
+        run_training(tiny_recipe(train__steps=3), run, resume=True)
+
+
+def test_a_damaged_state_is_one_error_line_on_the_command_line(tmp_path, two_step_run):
+    run = copy_run(two_step_run, tmp_path / "run")
+    (latest_state(run / "state") / "progress.json").write_text('{"step": [1]}')
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text("\n".join(f"[{table}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
+                                for table, values in TINY.items()))
+    out = subprocess.run([*CLI, "train", str(recipe), "--out", str(run), "--resume", "--set", "train.steps=3"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
