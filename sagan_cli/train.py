@@ -70,7 +70,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
         from sagan_cli.metrics import check_evaluation
 
         check_evaluation(recipe)  # missing Inception weights fail now, not hours into the run
-    start_run_folder(recipe, run_dir, accelerator, console)
+    start_run_folder(recipe, run_dir, accelerator, console, restart=resume and saved is None)
     # ---- 2. networks, the step's phases, the saved state, the inputs, the outputs ----
     set_seed(train.seed)
     nets = build_nets(recipe, accelerator)

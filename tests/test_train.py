@@ -485,3 +485,46 @@ def test_a_damaged_state_is_one_error_line_on_the_command_line(tmp_path, two_ste
     out = subprocess.run([*CLI, "train", str(recipe), "--out", str(run), "--resume", "--set", "train.steps=3"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
+
+
+@pytest.mark.parametrize("config", ["kept", "torn", "missing"])
+def test_resume_starts_a_run_that_never_checkpointed_from_step_0(tmp_path, two_step_run, config):
+    """Killed before its first checkpoint (even while writing config.json): --resume starts it again, exactly."""
+    import shutil
+
+    run = copy_run(two_step_run, tmp_path / "run")
+    for name in ("state", "g.safetensors", "d.safetensors"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    if config == "torn":
+        (run / "config.json").write_text('{"data": {"kind": "synth')
+    elif config == "missing":
+        (run / "config.json").unlink()
+    with pytest.raises(UserError, match="already holds a run"):
+        run_training(tiny_recipe(train__steps=2), run)  # never overwritten without --resume
+    resumed = weights(run_training(tiny_recipe(train__steps=2), run, resume=True))
+    straight = weights(run_training(tiny_recipe(train__steps=2), tmp_path / "straight"))
+    assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss_d" in x] == [1, 2]  # the killed run's lines are not kept twice
+    assert latest_state(run / "state").name == "step-0000002"
+
+
+def test_resume_of_a_run_that_never_checkpointed_still_checks_the_recipe(tmp_path, two_step_run):
+    import shutil
+
+    run = copy_run(two_step_run, tmp_path / "run")
+    shutil.rmtree(run / "state")
+    with pytest.raises(UserError, match="model.g_ch"):
+        run_training(tiny_recipe(model__g_ch=24), run, resume=True)
+
+
+@pytest.mark.parametrize(("key", "value"), [("train__seed", 5), ("data__hflip", True), ("data__synthetic_seed", 3)])
+def test_resume_refuses_a_change_of_the_data_order(tmp_path, two_step_run, key, value):
+    run = copy_run(two_step_run, tmp_path / "run")
+    with pytest.raises(UserError, match=rf"{key.replace('__', '.')} .*data order"):
+        run_training(tiny_recipe(train__steps=3, **{key: value}), run, resume=True)
+
+
+def test_resume_accepts_more_data_workers(tmp_path, two_step_run):
+    run = copy_run(two_step_run, tmp_path / "run")
+    assert run_training(tiny_recipe(train__steps=3, data__workers=1), run, resume=True).step == 3
