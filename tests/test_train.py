@@ -19,7 +19,7 @@ from sagan_cli.batches import batch_indices
 from sagan_cli.checkpoint import load_model, read_info
 from sagan_cli.config import recipe_from_dict
 from sagan_cli.errors import UserError
-from sagan_cli.models import Discriminator, Generator
+from sagan_cli.models import Discriminator, Generator, gammas
 from sagan_cli.state import latest_state
 from sagan_cli.train import run_training
 
@@ -158,11 +158,11 @@ def test_non_finite_losses_stop_with_the_last_good_checkpoint(tmp_path):
     # An absurd learning rate overflows the weights within a step or two.
     recipe = tiny_recipe(train__lr_d=1e38, train__lr_g=1e38, train__steps=50, train__max_bad_steps=3,
                          train__checkpoint_every=1)
-    with pytest.raises(UserError, match="non-finite losses for 3 consecutive steps") as info:
+    with pytest.raises(UserError, match="training diverged") as info:
         run_training(recipe, tmp_path / "run")
-    assert "last good checkpoint" in str(info.value)
-    good = latest_state(tmp_path / "run" / "state")
-    assert good is not None and str(good) in str(info.value)
+    # the first update overflowed the weights (with finite losses): nothing that was saved can be good
+    assert "no checkpoint was written yet" in str(info.value)
+    assert latest_state(tmp_path / "run" / "state") is None and not (tmp_path / "run" / "g.safetensors").exists()
 
 
 CLI = [sys.executable, "-m", "sagan_cli"]
@@ -528,3 +528,29 @@ def test_resume_refuses_a_change_of_the_data_order(tmp_path, two_step_run, key, 
 def test_resume_accepts_more_data_workers(tmp_path, two_step_run):
     run = copy_run(two_step_run, tmp_path / "run")
     assert run_training(tiny_recipe(train__steps=3, data__workers=1), run, resume=True).step == 3
+
+
+def test_a_state_that_overflowed_without_a_skipped_step_is_never_saved_or_named_good(tmp_path, two_step_run):
+    """--set train.lr_d=1e38 --set train.lr_g=1e38 --resume: the first update has finite losses and gradients
+    and blows the weights up; no state with a non-finite tensor (or outputs) is written, g.safetensors stays good."""
+    run = copy_run(two_step_run, tmp_path / "run")
+    with pytest.raises(UserError, match="training diverged") as info:
+        run_training(tiny_recipe(train__steps=12, train__lr_d=1e38, train__lr_g=1e38, train__checkpoint_every=1),
+                     run, resume=True)
+    good = latest_state(run / "state")
+    assert good.name == "step-0000002" and f"the last good checkpoint is {good}" in str(info.value)
+    for state in (run / "state").iterdir():
+        for name in ("models", "optimizers"):
+            for key, tensor in load_file(str(state / f"{name}.safetensors")).items():
+                assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), (state.name, key)
+    for name in ("g", "d"):
+        model, info_ = load_model(run / f"{name}.safetensors")
+        assert info_.step == 2 and all(torch.isfinite(t).all() for t in model.state_dict().values())
+    g, _ = load_model(run / "g.safetensors", expect="generator")
+    assert all(abs(gamma) < 1 for gamma in gammas(g).values())
+
+
+def test_the_checkpoint_checks_leave_training_unchanged(tmp_path):
+    often = weights(run_training(tiny_recipe(train__checkpoint_every=1), tmp_path / "often"))
+    rarely = weights(run_training(tiny_recipe(train__checkpoint_every=1000), tmp_path / "rarely"))
+    assert [k for k in often if not torch.equal(often[k], rarely[k])] == []
