@@ -10,16 +10,16 @@ import sys
 import pytest
 import torch
 from accelerate import Accelerator
+from rich.console import Console
+from test_train import tiny_recipe, weights
 
+from sagan_cli.checkpointer import Checkpointer
 from sagan_cli.errors import UserError
 from sagan_cli.losses import gradient_penalty
 from sagan_cli.nets import BatchNormGuard, build_nets, make_phases
 from sagan_cli.state import latest_state
-from sagan_cli.step import Phases, UpdatePlan, update_plan
+from sagan_cli.step import Phases, UpdatePlan, make_optimizer, update_plan
 from sagan_cli.train import make_accelerator, run_training
-
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-from test_train import tiny_recipe, weights  # noqa: E402
 
 
 def test_the_update_plan_is_a_function_of_the_device_type():
@@ -74,8 +74,6 @@ def test_a_skipped_update_leaves_adam_and_g_batchnorm_as_they_were(plan, skip):
     recipe = tiny_recipe(train__reuse_fakes=False)
     phases, nets = phases_for(recipe)
     if PLANS[plan].fused != phases.opt_g.defaults["fused"]:  # the other implementation, as on that device
-        from sagan_cli.step import make_optimizer
-
         phases.opt_g = make_optimizer(nets.raw_g, 1e-4, (0.0, 0.9), PLANS[plan])
         phases.opt_d = make_optimizer(nets.raw_d, 4e-4, (0.0, 0.9), PLANS[plan])
     phases.plan = PLANS[plan]
@@ -159,9 +157,6 @@ def test_fp16_resumes_bit_exactly_and_the_scalers_round_trip(tmp_path):
     saved = json.loads((latest_state(tmp_path / "b" / "state") / "progress.json").read_text())["scalers"]
     recipe = fp16_recipe()
     phases, nets = phases_for(recipe)
-    from sagan_cli.checkpointer import Checkpointer
-    from rich.console import Console
-
     Checkpointer(recipe, tmp_path / "b", Accelerator(cpu=True), nets, phases).restore(
         latest_state(tmp_path / "b" / "state"), Console(quiet=True))
     assert {name: scaler.state_dict() for name, scaler in phases.scalers.items()} == saved
