@@ -72,7 +72,7 @@ class Checkpointer:
                   if torch.is_tensor(value)]
         named = [(name, value) for name, value in named if value.is_floating_point()] + self._probe()
         finite = torch.stack([torch.isfinite(value).all() for _, value in named])
-        flag = (~finite).any().float()
+        flag = (~finite).any().float().reshape(1)
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, reduction="sum")
         if flag.item() == 0:
