@@ -16,7 +16,8 @@ from sagan_cli.config import Recipe, print_recipe, recipe_from_json
 from sagan_cli.errors import UserError
 from sagan_cli.state import latest_state, read_progress, read_rng, together
 
-RUN_FILES = ("config.json", "g.safetensors", "d.safetensors", "metrics.jsonl", "samples", "state")  # any: a run
+RUN_FILES = ("config.json", "g.safetensors", "d.safetensors", "metrics.jsonl")  # any of these (or the folders): a run
+RUN_FOLDERS = ("samples", "state")
 # Keys whose change would make a saved state meaningless: refused on --resume. Batch size: the data position;
 # the seed and the data keys: the data order (bit-exact resume), all but data.workers, which only loads faster.
 FROZEN_ON_RESUME = ("train.mixed_precision", "train.ema", "train.batch_size", "train.seed")
@@ -27,11 +28,11 @@ def check_run_folder(recipe: Recipe, run_dir: Path, *, resume: bool, world_size:
     """The state to resume from (None for a new run); refuses what would overwrite or corrupt a run."""
     state = latest_state(run_dir / "state")
     if not resume:
-        if state is not None or any((run_dir / name).exists() for name in RUN_FILES):
+        if state is not None or _holds_run(run_dir):
             raise UserError(f"{run_dir} already holds a run; add --resume to continue it or choose another --out")
         return None
     if state is None:  # killed before its first checkpoint: start it again from step 0, once the recipe agrees
-        if not any((run_dir / name).exists() for name in RUN_FILES):
+        if not _holds_run(run_dir):
             raise UserError(f"nothing to resume in {run_dir} (no run there); drop --resume to start a new run")
         if _readable_recipe(run_dir / "config.json"):
             _check_unchanged(recipe, run_dir)
@@ -50,6 +51,11 @@ def check_run_folder(recipe: Recipe, run_dir: Path, *, resume: bool, world_size:
         raise UserError(f"train.steps = {recipe.train.steps} is below the saved step {progress.step}; "
                         "--resume only trains longer")
     return state
+
+
+def _holds_run(run_dir: Path) -> bool:
+    return (any((run_dir / name).exists() for name in RUN_FILES)
+            or any((run_dir / name).is_dir() for name in RUN_FOLDERS))
 
 
 def _readable_recipe(path: Path) -> bool:
