@@ -43,13 +43,14 @@ class Checkpointer:
                 scaler.load_state_dict(scaler_states[name])
         if accelerator.is_main_process:
             truncate_log(self.run_dir / "metrics.jsonl", progress.step)
-            console.print(f"resumed from step {progress.step}")
+            console.print(f"resumed from step {progress.step}", markup=False)
         return progress
 
     def save(self, progress: Progress) -> None:
         """Commit state/step-N (keeping `train.keep_checkpoints`), then rewrite the exported models."""
         if progress.step == self.saved_step:
             return
+        self.check_finite(progress.step)
         self.saved_step = progress.step
         nets, accelerator, main = self.nets, self.accelerator, self.accelerator.is_main_process
         scaler_states = {name: scaler.state_dict() for name, scaler in self.phases.scalers.items()
@@ -59,6 +60,50 @@ class Checkpointer:
                                                      optimizers=nets.optimizers(), scalers=scaler_states,
                                                      rank=accelerator.process_index, main=main))
         together(accelerator, lambda: self._export(progress.step), main_only=True, what="write the checkpoints")
+
+    def check_finite(self, step: int) -> None:
+        """Stop before saving a state (or exporting a model) with any non-finite tensor: weights, buffers (BatchNorm
+        statistics, spectral-norm vectors), the EMA, Adam's moments. An update with finite losses and gradients
+        can still overflow the weights, and nothing skips it; the state saved before stays the last good one."""
+        named = [(f"{name}.{key}", value) for name, model in self.nets.state_models().items()
+                 for key, value in model.state_dict().items()]
+        named += [(f"optimizer {name}.{index}.{key}", value) for name, optimizer in self.nets.optimizers().items()
+                  for index, values in optimizer.state_dict()["state"].items() for key, value in values.items()
+                  if torch.is_tensor(value)]
+        named = [(name, value) for name, value in named if value.is_floating_point()] + self._probe()
+        finite = torch.stack([torch.isfinite(value).all() for _, value in named])
+        flag = (~finite).any().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag.item() == 0:
+            return
+        bad = [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
+        last = latest_state(self.state_root)
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise UserError(f"training diverged: the state at step {step} is not finite "
+                        f"({bad[0] if bad else 'on another process'}), so it was not saved ({where}); "
+                        "try lower learning rates or train.mixed_precision = \"no\"")
+
+    @torch.no_grad()
+    def _probe(self) -> list[tuple[str, torch.Tensor]]:
+        """G's and the EMA's images of fixed noise and D's outputs on them, in eval mode (no statistics, vectors
+        or RNG touched): finite weights of 1e38 are no good state either, and their outputs show it."""
+        model, device, raw_d = self.recipe.model, self.accelerator.device, self.nets.raw_d
+        z = torch.randn(2, model.z_dim, generator=torch.Generator().manual_seed(0)).to(device)
+        labels = torch.zeros(2, dtype=torch.long, device=device) if model.num_classes else None
+        outputs = []
+        for name, generator in self.nets.state_models().items():
+            if name == "d":
+                continue
+            modes = generator.training, raw_d.training
+            generator.eval(), raw_d.eval()
+            try:
+                images = generator(z, labels)
+                who = {"g": "G", "ema": "the EMA"}[name]
+                outputs += [(f"{who}'s images", images), (f"D's outputs on {who}'s images", raw_d(images, labels))]
+            finally:
+                generator.train(modes[0]), raw_d.train(modes[1])
+        return outputs
 
     def _export(self, step: int) -> None:
         nets, name = self.nets, self.recipe.name

@@ -55,6 +55,9 @@ def train(
     overrides: OverridesOption = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its state/.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and exit.")] = False,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu, cuda, mps or xpu. (default: what Accelerate picks: a GPU if any)")
+    ] = None,
 ) -> None:
     """Train a SAGAN from a recipe: checkpoints, sample grids and metrics land in the run directory."""
     from sagan_cli.config import load_recipe, print_recipe
@@ -66,7 +69,7 @@ def train(
         return
     from sagan_cli.train import run_training  # torch and accelerate load only when training
 
-    run_training(resolved, run_dir, resume=resume)
+    run_training(resolved, run_dir, resume=resume, device=device)
 
 
 # --- sample (issue 4) ---

@@ -323,11 +323,12 @@ def recipe_from_json(path: str | Path) -> Recipe:
 def print_recipe(recipe: Recipe, run_dir: Path, console=None) -> None:
     """The resolved recipe as a table; values that differ from the defaults are highlighted."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = console or Console()
     defaults = Recipe().to_dict()
-    table = Table(title=f"recipe '{recipe.name}' -> {run_dir}", show_lines=False)
+    table = Table(title=escape(f"recipe '{recipe.name}' -> {run_dir}"), show_lines=False)  # user text: no markup
     table.add_column("key")
     table.add_column("value")
     for section, values in recipe.to_dict().items():
@@ -335,5 +336,6 @@ def print_recipe(recipe: Recipe, run_dir: Path, console=None) -> None:
             continue
         for key, value in values.items():
             changed = defaults[section][key] != value
-            table.add_row(f"{section}.{key}", f"[bold]{value}[/bold]" if changed else str(value))
+            text = escape(str(value))
+            table.add_row(escape(f"{section}.{key}"), f"[bold]{text}[/bold]" if changed else text)
     console.print(table)

@@ -36,13 +36,20 @@ def gradient_penalty(
     real: torch.Tensor,
     fake: torch.Tensor,
     labels: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """WGAN-GP: E[(||grad_x D(x)||_2 - 1)^2] at random points between real and fake images."""
+    """WGAN-GP: E[(||grad_x D(x)||_2 - 1)^2] at random points between real and fake images.
+
+    `scale` (fp16): the inner gradient is taken of the scaled output, as the loss's are, then unscaled, so
+    that fp16 intermediate gradients neither underflow nor go unnoticed when they overflow."""
     alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
     mixed = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
     # The penalty is differentiated twice; the fused attention kernels have no double backward,
     # so this one forward uses the math kernel (D's maps are small where this loss is used).
     with sdpa_kernel([SDPBackend.MATH]):
         out = discriminator(mixed, labels) if labels is not None else discriminator(mixed)
-        (grad,) = torch.autograd.grad(out.sum(), mixed, create_graph=True)
+        total = out.sum() if scale is None else out.float().sum() * scale
+        (grad,) = torch.autograd.grad(total, mixed, create_graph=True)
+    if scale is not None:
+        grad = grad / scale
     return ((grad.flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()

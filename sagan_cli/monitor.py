@@ -67,7 +67,7 @@ class TrainingLog:
 
     def say(self, text: str | None) -> None:
         if self.main and text:
-            self.bar.console.print(text)
+            self.bar.console.print(text, markup=False)  # may hold user text (paths, names): never markup
 
     def count_images(self, images: int) -> None:
         self.window_images += images

@@ -15,7 +15,7 @@ from torch import nn
 
 from sagan_cli.config import Recipe
 from sagan_cli.models import Discriminator, Generator
-from sagan_cli.step import Phases, make_optimizer
+from sagan_cli.step import Phases, UpdatePlan, make_optimizer, update_plan
 
 
 class EMA(nn.Module):
@@ -49,7 +49,13 @@ class BatchNormGuard:
         if self.buffers:
             torch._foreach_copy_(self.saved, self.buffers)
 
-    def restore_if(self, bad: torch.Tensor) -> None:
+    def restore_if(self, g_skipped: torch.Tensor) -> None:
+        """Restore when G's update was skipped or the statistics themselves are not finite; a skip of D alone
+        keeps them (G's forwards were sound, and its update went ahead)."""
+        if not self.buffers:
+            return
+        broken = torch.stack([torch.isfinite(buffer).all() for buffer in self.buffers if buffer.is_floating_point()])
+        bad = torch.maximum(g_skipped, (~broken.all()).float())
         for buffer, saved in zip(self.buffers, self.saved, strict=True):
             buffer.copy_(torch.where(bad > 0, saved, buffer))
 
@@ -65,6 +71,7 @@ class Nets:
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     ema: EMA | None
+    plan: UpdatePlan  # how the device's Adam skips a non-finite update
 
     def exported_g(self) -> Generator:
         """The generator that g.safetensors, sample grids and evaluation use: the EMA when there is one."""
@@ -91,20 +98,18 @@ def build_nets(recipe: Recipe, accelerator: Accelerator) -> Nets:
     device = accelerator.device
     generator, discriminator = generator.to(device), discriminator.to(device)
     ema = EMA(generator, train.ema_decay, train.ema_start) if train.ema else None
-    betas = (train.beta1, train.beta2)
-    opt_g = make_optimizer(generator, train.lr_g, betas, device)
-    opt_d = make_optimizer(discriminator, train.lr_d, betas, device)
+    betas, plan = (train.beta1, train.beta2), update_plan(device.type, train.mixed_precision)
+    opt_g = make_optimizer(generator, train.lr_g, betas, plan)
+    opt_d = make_optimizer(discriminator, train.lr_d, betas, plan)
     # prepare() only places and (multi-process) wraps: mixed precision is the phases' one autocast
     wrapped_g, wrapped_d, opt_g, opt_d = accelerator.prepare(generator, discriminator, opt_g, opt_d)
-    return Nets(wrapped_g, wrapped_d, generator, discriminator, opt_g, opt_d, ema)
+    return Nets(wrapped_g, wrapped_d, generator, discriminator, opt_g, opt_d, ema, plan)
 
 
 def make_phases(recipe: Recipe, nets: Nets, accelerator: Accelerator) -> Phases:
     """The D and G updates with every option resolved: loss, precision, layout, compiling, the flag all-reduce."""
     train = recipe.train
-    precision = train.mixed_precision
-    if precision == "fp16" and accelerator.device.type == "cpu":
-        precision = "no"  # CPU has no fp16 speed-up; as before, fp16 on a CPU trains in fp32
+    precision = train.mixed_precision  # fp16 on a CPU too: autocast in float16 with loss scaling, as on CUDA
 
     def any_rank(flag: torch.Tensor) -> torch.Tensor:  # on the device: no wait
         return (accelerator.reduce(flag, reduction="sum") > 0).float()
@@ -113,7 +118,7 @@ def make_phases(recipe: Recipe, nets: Nets, accelerator: Accelerator) -> Phases:
                   opt_g=_unwrap_optimizer(nets.opt_g), opt_d=_unwrap_optimizer(nets.opt_d), loss=train.loss,
                   gp_weight=train.gp_weight, precision=precision, device=accelerator.device,
                   channels_last=train.channels_last, compile=train.compile,
-                  reduce_flag=any_rank if accelerator.num_processes > 1 else None)
+                  reduce_flag=any_rank if accelerator.num_processes > 1 else None, plan=nets.plan)
 
 
 def _unwrap_optimizer(optimizer) -> torch.optim.Optimizer:

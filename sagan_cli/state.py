@@ -5,13 +5,14 @@ A run folder may sit on a shared volume, so `--resume` must not run code from it
 
   models.safetensors     G, D and the EMA copy of G ("g.", "d.", "ema." prefixes)
   optimizers.safetensors Adam's moments and step counts; param groups as JSON in the metadata
-  progress.json          step, data position, best FID, number of processes, loss scalers (fp16)
+  progress.json          sagan version, step, data position, best FID, number of processes, loss scalers (fp16)
   rng-rank{r}.json       every RNG of process r: Python's, NumPy's, torch's CPU and current CUDA generator
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -102,16 +103,120 @@ def save_state(folder: Path, *, models: dict[str, torch.nn.Module], optimizers: 
         values, groups[name] = _optimizer_tensors(name, optimizer)
         opt_tensors.update(values)
     save_file(opt_tensors, str(folder / "optimizers.safetensors"), metadata={"param_groups": json.dumps(groups)})
-    _write_json(folder / "progress.json", {**asdict(progress), "scalers": scalers})
+    import sagan_cli
+
+    _write_json(folder / "progress.json", {"version": sagan_cli.__version__, **asdict(progress), "scalers": scalers})
+
+
+class _Invalid(ValueError):
+    """A value in a state's JSON file that is missing, of the wrong type or out of range."""
+
+
+def _damaged(path: Path, why) -> UserError:
+    return UserError(f"{path} is damaged ({why}); resume from an earlier state (delete this one) or start a new run")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _damaged(path, exc.strerror if isinstance(exc, OSError) and exc.strerror else exc) from None
+
+
+def _int(value, what: str, low: int, high: float = float("inf")) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _Invalid(f"{what} must be an integer in [{low}, {high}], got {value!r}"[:200])
+    return value
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(f"{what} must be a number, got {value!r}"[:200])
+    return float(value)
+
+
+def _ints(value, what: str, length: int, low: int, high: int) -> list[int]:
+    if not isinstance(value, list) or len(value) != length:
+        raise _Invalid(f"{what} must be a list of {length} integers")
+    for item in value:
+        _int(item, f"every entry of {what}", low, high)
+    return value
+
+
+def _fields(raw, what: str, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict:
+    if not isinstance(raw, dict):
+        raise _Invalid(f"{what} must be a JSON object")
+    missing = [key for key in required if key not in raw]
+    extra = [key for key in raw if key not in required + optional]
+    if missing or extra:
+        raise _Invalid(f"{what}: missing {missing}" if missing else f"{what}: unexpected {extra}")
+    return raw
+
+
+SCALER_KEYS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+
+
+def _check_scaler(raw, what: str) -> dict:
+    _fields(raw, what, SCALER_KEYS)
+    for key in ("scale", "growth_factor", "backoff_factor"):
+        if not _number(raw[key], f"{what}.{key}") > 0 or not math.isfinite(raw[key]):
+            raise _Invalid(f"{what}.{key} must be a finite number > 0, got {raw[key]!r}")
+    _int(raw["growth_interval"], f"{what}.growth_interval", 1)
+    _int(raw["_growth_tracker"], f"{what}._growth_tracker", 0)
+    return raw
 
 
 def read_progress(folder: Path) -> tuple[Progress, dict[str, dict]]:
+    """progress.json, fully checked; a state written by another sagan release is refused (its layout may differ)."""
+    import sagan_cli  # the version now (the release sets it), not at import
+
+    path = folder / "progress.json"
+    raw = _read_json(path)
+    version = raw.get("version") if isinstance(raw, dict) else None
+    if isinstance(raw, dict) and version != sagan_cli.__version__:
+        written = f"sagan {version}" if isinstance(version, str) else "sagan 0.1.0 or earlier"
+        raise UserError(f"{folder} was written by {written}, and this is sagan {sagan_cli.__version__}: a state "
+                        "resumes only with the release that wrote it; finish the run with that release or start "
+                        "a new run (its g.safetensors and d.safetensors still load)")
     try:
-        raw = json.loads((folder / "progress.json").read_text())
-        scalers = raw.pop("scalers", {})
-        return Progress(**raw), scalers
-    except (OSError, ValueError, TypeError) as exc:
-        raise UserError(f"{folder} is not a readable training state ({exc}); resume from another run") from None
+        _fields(raw, "progress.json", ("version", "step", "batches", "best_fid", "world_size", "scalers"))
+        progress = Progress(step=_int(raw["step"], "step", 0), batches=_int(raw["batches"], "batches", 0),
+                            best_fid=_number(raw["best_fid"], "best_fid"),
+                            world_size=_int(raw["world_size"], "world_size", 1))
+        scalers = _fields(raw["scalers"], "scalers", (), ("d", "g"))
+        return progress, {name: _check_scaler(value, f"scalers.{name}") for name, value in scalers.items()}
+    except _Invalid as exc:
+        raise _damaged(path, exc) from None
+
+
+def read_rng(folder: Path, rank: int) -> dict:
+    """rng-rank{rank}.json, fully checked (every generator's state has a fixed layout and range)."""
+    path = folder / f"rng-rank{rank}.json"
+    raw = _read_json(path)
+    try:
+        _fields(raw, path.name, ("python", "numpy", "torch"), ("cuda",))
+        python = raw["python"]
+        if not isinstance(python, list) or len(python) != 3:
+            raise _Invalid("python must be [version, state, gauss]")
+        _int(python[0], "python's version", 1, 3)
+        _ints(python[1], "python's state", 625, 0, 2**32 - 1)
+        _int(python[1][-1], "python's position", 0, 624)
+        if python[2] is not None:
+            _number(python[2], "python's gauss")
+        numpy = raw["numpy"]
+        if not isinstance(numpy, list) or len(numpy) != 5 or numpy[0] != "MT19937":
+            raise _Invalid('numpy must be ["MT19937", keys, position, has_gauss, cached]')
+        _ints(numpy[1], "numpy's keys", 624, 0, 2**32 - 1)
+        _int(numpy[2], "numpy's position", 0, 624)
+        _int(numpy[3], "numpy's has_gauss", 0, 1)
+        _number(numpy[4], "numpy's cached gaussian")
+        _ints(raw["torch"], "torch", torch.get_rng_state().numel(), 0, 255)
+        if "cuda" in raw:
+            length = torch.cuda.get_rng_state().numel() if torch.cuda.is_available() else len(raw["cuda"])
+            _ints(raw["cuda"], "cuda", length, 0, 255)
+    except _Invalid as exc:
+        raise _damaged(path, exc) from None
+    return raw
 
 
 def load_state(folder: Path, *, models: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
@@ -136,11 +241,11 @@ def load_state(folder: Path, *, models: dict[str, torch.nn.Module], optimizers: 
                         value = torch.empty_like(param, dtype=value.dtype).copy_(value)  # fused kernels assume it
                     state.setdefault(int(index), {})[field] = value
             optimizer.load_state_dict({"state": state, "param_groups": groups[name]})
-        _set_rng_state(json.loads((folder / f"rng-rank{rank}.json").read_text()))
-    except (OSError, SafetensorError, RuntimeError, ValueError, KeyError) as exc:
+    except (OSError, SafetensorError, RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{folder} is damaged or from another sagan version ({first}); "
                         "resume from an earlier state or start a new run") from None
+    _set_rng_state(read_rng(folder, rank))
 
 
 def together(accelerator, action, *, main_only: bool = False, what: str = "write the run folder"):

@@ -6,7 +6,8 @@
   gradient reaches G only and spectral norm reuses the vectors the D phase just refined.
 
 Nothing in a phase waits for the device: the finiteness of each update is a device tensor handed to the
-optimizer as `found_inf` (the fused/foreach Adam kernels then skip the update on the device), and the
+optimizer as `found_inf` (the fused Adam kernels then skip the update on the device; devices without
+them read the flag on the host, see `update_plan`), and the
 losses come back as device tensors that the loop reads only when it logs. Each phase is a plain function
 of tensors, so it can be timed, skipped or compiled on its own (D's loss and G's loss are separate
 compiled frames, one per `requires_grad` state of D's weights: pytorch issue 139476 is about sharing one).
@@ -31,30 +32,53 @@ class DStats:
     real: torch.Tensor  # mean D output on the real images
     fake: torch.Tensor  # mean D output on the fakes
     bad: torch.Tensor  # 1.0 when the update was skipped (a non-finite loss or gradient), else 0.0
+    diverged: torch.Tensor  # 1.0 when the skip counts towards train.max_bad_steps (not an fp16 scaler overflow)
 
 
 @dataclass
 class GStats:
     loss: torch.Tensor
     bad: torch.Tensor
+    diverged: torch.Tensor
 
 
-def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.Adam:
-    """Adam as one fused kernel per step where torch has it for the device (CPU and CUDA do), else foreach."""
-    fused = device.type in ("cpu", "cuda")
-    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, fused=fused, foreach=None if fused else True)
+@dataclass(frozen=True)
+class UpdatePlan:
+    """How a device skips a non-finite update: fused Adam reads `found_inf` on the device (CPU, CUDA);
+    elsewhere foreach Adam, which refuses `found_inf`, so the host reads the flag (one wait per update)."""
+
+    fused: bool
+    device_skip: bool
 
 
-def skip_if_not_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
-    """The flag (1.0 = skip) for the coming `optimizer.step()`: the loss or any gradient is not finite.
+def update_plan(device_type: str, precision: str) -> UpdatePlan:
+    """The optimizer implementation and loss scaling for a device type; refuses what it cannot train."""
+    from sagan_cli.errors import UserError
 
-    One kernel checks every gradient (GradScaler's, with a unit scale). Adam reads the flag as
-    `found_inf` and skips the update on the device: no host synchronisation.
+    if precision == "fp16" and device_type not in ("cpu", "cuda"):
+        raise UserError(f'train.mixed_precision = "fp16" (loss scaling) trains on cpu and cuda only, not on '
+                        f'{device_type}; use "bf16" or "no" there')
+    if device_type in ("cpu", "cuda"):
+        return UpdatePlan(fused=True, device_skip=True)
+    return UpdatePlan(fused=False, device_skip=False)  # mps, xpu, ...: foreach Adam, skipped by the host
+
+
+def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], plan: UpdatePlan) -> torch.optim.Adam:
+    """Adam as one fused kernel per step where the plan says so (CPU and CUDA), else foreach."""
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, fused=plan.fused,
+                            foreach=None if plan.fused else True)
+
+
+def not_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
+    """[any gradient or the loss, the loss] not finite, as 1.0/0.0 on the device.
+
+    One kernel checks every gradient (GradScaler's, with a unit scale): no host synchronisation.
     """
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    found = torch.isnan(loss.detach() * 0).float()  # x * 0 is NaN exactly when x is not finite
+    loss_bad = torch.isnan(loss.detach().float() * 0).float()  # x * 0 is NaN exactly when x is not finite
+    found = loss_bad.clone()
     torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones((), device=found.device))
-    return found
+    return torch.stack([found, loss_bad])
 
 
 class Phases:
@@ -68,13 +92,14 @@ class Phases:
     def __init__(self, *, generator: nn.Module, discriminator: nn.Module, raw_g: nn.Module, raw_d: nn.Module,
                  opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, loss: str, gp_weight: float,
                  precision: str, device: torch.device, channels_last: bool, compile: bool = False,
-                 reduce_flag=None):
+                 reduce_flag=None, plan: UpdatePlan | None = None):
         self.generator, self.discriminator, self.raw_g, self.raw_d = generator, discriminator, raw_g, raw_d
         # eager: each network's power iterations batched into a few kernels before its training forward
         self.power_iterations = (lambda model: None) if compile else power_iterations
         self.opt_g, self.opt_d = opt_g, opt_d
         self.loss, self.gp_weight = loss, gp_weight
         self.device = device
+        self.plan = plan or update_plan(device.type, precision)
         self.dtype = HALF.get(precision)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # fp16 only: one loss scaler per network, so an overflow in D does not lower G's scale
@@ -92,19 +117,35 @@ class Phases:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
-    def _update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler) -> torch.Tensor:
+    def _update(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler,
+                base_loss: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward and Adam step, skipped when the loss or a gradient is not finite. Returns (skipped, diverged):
+        under fp16 an overflow the scaler answers by lowering its scale (the loss finite, the scale still > 1) is
+        routine, above all while it finds its level at the start, and does not count as divergence.
+        `base_loss`: the loss whose finiteness tells (WGAN-GP: without the penalty, whose gradients are scaled)."""
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
         else:  # fp16: scale the loss, then unscale the gradients (GradScaler also tracks overflows)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        bad = self.reduce_flag(skip_if_not_finite(optimizer, loss))
-        optimizer.found_inf = bad
-        optimizer.step()
-        if scaler is not None:
-            scaler.update()
-        return bad
+        bad, loss_bad = self.reduce_flag(not_finite(optimizer, loss if base_loss is None else base_loss)).unbind()
+        bad = torch.maximum(bad, loss_bad)
+        if self.plan.device_skip:
+            optimizer.found_inf = bad
+            optimizer.step()
+        elif not bad.item():  # foreach Adam refuses found_inf: the host decides
+            optimizer.step()
+        if scaler is None:
+            return bad, bad
+        diverged = bad * torch.maximum(loss_bad, (scaler._scale <= 1).float())  # the scale before update()
+        scaler.update()
+        return bad, diverged
+
+    def penalty_scale(self) -> torch.Tensor | None:
+        """fp16: D's loss scale, for the gradient penalty's inner gradient (it must not underflow either)."""
+        scaler = self.scalers["d"]
+        return None if scaler is None else scaler.scale(torch.ones((), device=self.device))
 
     def _fakes(self, z: torch.Tensor, fake_labels: torch.Tensor | None) -> torch.Tensor:
         self.power_iterations(self.raw_g)
@@ -133,13 +174,15 @@ class Phases:
         loss, d_real, d_fake = self.d_forward(real, labels, fake.detach(), fake_labels)
         if keep_fakes:
             self.pending_fake, self.pending_labels = fake, fake_labels
+        base_loss = loss
         if self.loss == "wgan-gp":  # twice differentiated: eager, outside any compiled frame
             self.raw_d.eval()  # spectral norm keeps the vectors this phase's forward just refined
             with self.autocast():
-                loss = loss + self.gp_weight * gradient_penalty(self.raw_d, real, fake.detach(), labels)
+                loss = loss + self.gp_weight * gradient_penalty(self.raw_d, real, fake.detach(), labels,
+                                                                scale=self.penalty_scale())
             self.raw_d.train()
-        bad = self._update(self.opt_d, loss, self.scalers["d"])
-        return DStats(loss.detach(), d_real.detach().mean(), d_fake.detach().mean(), bad)
+        bad, diverged = self._update(self.opt_d, loss, self.scalers["d"], base_loss)
+        return DStats(loss.detach(), d_real.detach().mean(), d_fake.detach().mean(), bad, diverged)
 
     def g_phase(self, z: torch.Tensor | None, fake_labels: torch.Tensor | None) -> GStats:
         """One G update; z None: the fakes the last D phase kept (their graph through G is still alive)."""
@@ -150,5 +193,5 @@ class Phases:
         else:
             fake = self.fakes(z, fake_labels)
         loss = self.g_forward(fake, fake_labels)
-        bad = self._update(self.opt_g, loss, self.scalers["g"])
-        return GStats(loss.detach(), bad)
+        bad, diverged = self._update(self.opt_g, loss, self.scalers["g"])
+        return GStats(loss.detach(), bad, diverged)

@@ -26,6 +26,7 @@ from sagan_cli.batches import Data, Noise
 from sagan_cli.checkpointer import Checkpointer, SkipStreak
 from sagan_cli.config import Recipe
 from sagan_cli.data import build_dataset
+from sagan_cli.errors import UserError
 from sagan_cli.launcher import die_with_launcher
 from sagan_cli.models import Discriminator, Generator
 from sagan_cli.monitor import Monitor, TrainingLog
@@ -33,7 +34,7 @@ from sagan_cli.nets import BatchNormGuard, build_nets, make_phases
 from sagan_cli.run_folder import check_run_folder, start_run_folder
 from sagan_cli.run_lock import lock_run_folder, releases_run_lock
 from sagan_cli.state import Progress
-from sagan_cli.step import DStats, GStats, Phases
+from sagan_cli.step import DStats, GStats, Phases, update_plan
 
 EVAL_TIMEOUT = timedelta(hours=3)  # collectives wait this long while rank 0 evaluates (NCCL's default: 10 min)
 
@@ -49,32 +50,35 @@ class TrainResult:
 
 def train_step(phases: Phases, data: Data, noise: Noise, *, d_steps: int,
                reuse_fakes: bool) -> tuple[DStats, GStats, torch.Tensor]:
-    """`d_steps` D phases, then one G phase. Returns their device stats and 1.0 when any update was skipped."""
-    skipped = []
+    """`d_steps` D phases, then one G phase. Returns their device stats and 1.0 when any update was skipped
+    for a reason that counts towards `train.max_bad_steps` (not an fp16 loss scaler finding its level)."""
+    diverged = []
     for i in range(d_steps):
         real, labels = data.next()
         d_stats = phases.d_phase(real, labels, *noise.draw(), keep_fakes=reuse_fakes and i == d_steps - 1)
-        skipped.append(d_stats.bad)
+        diverged.append(d_stats.diverged)
     g_stats = phases.g_phase(*((None, None) if reuse_fakes else noise.draw()))
-    return d_stats, g_stats, torch.stack([*skipped, g_stats.bad]).amax()
+    return d_stats, g_stats, torch.stack([*diverged, g_stats.diverged]).amax()
 
 
 @releases_run_lock
-def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console: Console | None = None) -> TrainResult:
+def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console: Console | None = None,
+                 device: str | None = None) -> TrainResult:
     """Train (or resume) a SAGAN as the recipe says, writing the run directory (README, `sagan train`)."""
     train, run_dir, console = recipe.train, Path(run_dir), console or Console()
     # ---- 1. processes and checks: a bad folder, recipe, dataset or weights file is refused before writing ----
     die_with_launcher()  # under torchrun: this process ends with its launcher
-    accelerator = make_accelerator(recipe, run_dir)
+    accelerator = make_accelerator(recipe, run_dir, device)
     lock_run_folder(run_dir, accelerator)  # one writer per folder: a second `sagan train` on it is refused
-    saved = check_run_folder(recipe, run_dir, resume=resume, world_size=accelerator.num_processes)
+    saved = check_run_folder(recipe, run_dir, resume=resume, world_size=accelerator.num_processes,
+                             rank=accelerator.process_index)
     dataset = build_dataset(recipe.data, recipe.model.resolution, recipe.model.num_classes,  # bad data fails here
                             recipe.model.channels)
     if recipe.eval.every:
         from sagan_cli.metrics import check_evaluation
 
         check_evaluation(recipe)  # missing Inception weights fail now, not hours into the run
-    start_run_folder(recipe, run_dir, accelerator, console)
+    start_run_folder(recipe, run_dir, accelerator, console, restart=resume and saved is None)
     # ---- 2. networks, the step's phases, the saved state, the inputs, the outputs ----
     set_seed(train.seed)
     nets = build_nets(recipe, accelerator)
@@ -103,7 +107,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
             guard.snapshot()
             d_stats, g_stats, bad = train_step(phases, data, noise, d_steps=train.d_steps,
                                                reuse_fakes=train.reuse_fakes)
-            guard.restore_if(bad)  # a skipped step leaves G's BatchNorm statistics as they were
+            guard.restore_if(g_stats.bad)  # a skipped G update leaves G's BatchNorm statistics as they were
             if nets.ema is not None:
                 nets.ema.update(nets.raw_g, progress.step)
             streak.add(bad)
@@ -132,12 +136,37 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
     return TrainResult(nets.raw_g, nets.raw_d, nets.ema.model if nets.ema is not None else None, progress.step, run_dir)
 
 
-def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
-    """A fresh Accelerator (a second run in this process may differ), patient while rank 0 evaluates."""
+def make_accelerator(recipe: Recipe, run_dir: Path, device: str | None = None) -> Accelerator:
+    """A fresh Accelerator (a second run in this process may differ), patient while rank 0 evaluates.
+
+    `device` (--device): cpu, or the type of device Accelerate picks here (cuda, mps, xpu); anything else is
+    refused, as is a precision the device cannot train (`update_plan`), before anything is written."""
+    wanted = _device_type(device)
     AcceleratorState._reset_state(reset_partial_state=False)
     patience = [InitProcessGroupKwargs(timeout=EVAL_TIMEOUT)] if recipe.eval.every else None
-    return Accelerator(log_with="tensorboard" if recipe.train.tensorboard else None, project_dir=str(run_dir),
-                       kwargs_handlers=patience)
+    # mixed_precision="no": the recipe alone sets the precision (the phases' one autocast), never the
+    # ACCELERATE_MIXED_PRECISION that `accelerate config` leaves behind (prepare() would wrap the forwards in it)
+    accelerator = Accelerator(log_with="tensorboard" if recipe.train.tensorboard else None, project_dir=str(run_dir),
+                              kwargs_handlers=patience, mixed_precision="no", cpu=wanted == "cpu")
+    found = accelerator.device.type
+    if wanted is not None and wanted != found:
+        raise UserError(f"--device {device} is not available here (training would run on {found}); "
+                        f"leave --device out or give {found}")
+    update_plan(found, recipe.train.mixed_precision)  # e.g. fp16 on mps: refused now, not at step 1
+    return accelerator
+
+
+def _device_type(device: str | None) -> str | None:
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device; give cpu, cuda, mps or xpu") from None
+    if parsed.index is not None:
+        raise UserError(f"--device {device}: training takes a device type (cpu, cuda, mps, xpu); choose the GPUs "
+                        "with CUDA_VISIBLE_DEVICES or `accelerate launch`") from None
+    return parsed.type
 
 
 class StopOnCtrlC:

@@ -118,3 +118,17 @@ def test_config_json_round_trip_of_a_whole_recipe(tmp_path):
     path.write_text(json.dumps(recipe.to_dict()))
     again = recipe_from_json(path)
     assert again == recipe and again.name == "r"
+
+
+@pytest.mark.parametrize("path", ["/data/x[/]y", "/data/celeba [cropped]", "/data/[bold]x\\"])
+def test_recipe_printing_shows_square_brackets_verbatim(tmp_path, path):
+    import io
+
+    from rich.console import Console
+
+    from sagan_cli.config import print_recipe, recipe_from_dict
+
+    recipe = recipe_from_dict({"data": {"kind": "folder", "path": path}}, name="x[/]")
+    out = io.StringIO()
+    print_recipe(recipe, tmp_path / "run [1]", Console(file=out, width=300))
+    assert path in out.getvalue() and "run [1]" in out.getvalue() and "'x[/]'" in out.getvalue()

@@ -19,7 +19,7 @@ from sagan_cli.batches import batch_indices
 from sagan_cli.checkpoint import load_model, read_info
 from sagan_cli.config import recipe_from_dict
 from sagan_cli.errors import UserError
-from sagan_cli.models import Discriminator, Generator
+from sagan_cli.models import Discriminator, Generator, gammas
 from sagan_cli.state import latest_state
 from sagan_cli.train import run_training
 
@@ -158,11 +158,11 @@ def test_non_finite_losses_stop_with_the_last_good_checkpoint(tmp_path):
     # An absurd learning rate overflows the weights within a step or two.
     recipe = tiny_recipe(train__lr_d=1e38, train__lr_g=1e38, train__steps=50, train__max_bad_steps=3,
                          train__checkpoint_every=1)
-    with pytest.raises(UserError, match="non-finite losses for 3 consecutive steps") as info:
+    with pytest.raises(UserError, match="training diverged") as info:
         run_training(recipe, tmp_path / "run")
-    assert "last good checkpoint" in str(info.value)
-    good = latest_state(tmp_path / "run" / "state")
-    assert good is not None and str(good) in str(info.value)
+    # the first update overflowed the weights (with finite losses): nothing that was saved can be good
+    assert "no checkpoint was written yet" in str(info.value)
+    assert latest_state(tmp_path / "run" / "state") is None and not (tmp_path / "run" / "g.safetensors").exists()
 
 
 CLI = [sys.executable, "-m", "sagan_cli"]
@@ -394,3 +394,164 @@ def test_two_d_steps_with_fresh_fakes_resume_exactly(tmp_path):
     assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
     fresh = weights(run_training(tiny_recipe(train__d_steps=2), tmp_path / "c"))  # reuse_fakes on: another algorithm
     assert any(not torch.equal(straight[k], fresh[k]) for k in straight if k.startswith("g."))
+
+
+@pytest.mark.parametrize("env", ["bf16", "fp16"])
+def test_the_recipe_alone_sets_the_precision_whatever_accelerate_config_says(tmp_path, monkeypatch, env):
+    """`accelerate config` leaves ACCELERATE_MIXED_PRECISION set: a recipe saying "no" still trains in fp32."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+    dtypes = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: dtypes.add(out.dtype) if isinstance(module, torch.nn.Conv2d) else None)
+    try:
+        run_training(tiny_recipe(train__steps=1), tmp_path / "run")
+    finally:
+        hook.remove()
+    assert dtypes == {torch.float32}
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["mixed_precision"] == "no"
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory) -> Path:
+    """A finished 2-step run to copy and damage."""
+    run = tmp_path_factory.mktemp("saved") / "run"
+    run_training(tiny_recipe(train__steps=2), run)
+    return run
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to)
+    return to
+
+
+def edit_json(path: Path, change) -> None:
+    value = json.loads(path.read_text())
+    change(value)
+    path.write_text(json.dumps(value))
+
+
+DAMAGE = {
+    "progress-not-json": ("progress.json", lambda p: p.write_text("{")),
+    "progress-a-list": ("progress.json", lambda p: p.write_text("[]")),
+    "progress-step-a-string": ("progress.json", lambda p: edit_json(p, lambda v: v.update(step="2"))),
+    "progress-missing-batches": ("progress.json", lambda p: edit_json(p, lambda v: v.pop("batches"))),
+    "progress-world-size-0": ("progress.json", lambda p: edit_json(p, lambda v: v.update(world_size=0))),
+    "progress-bad-scaler": ("progress.json", lambda p: edit_json(p, lambda v: v.update(scalers={"d": {"scale": 1}}))),
+    "progress-best-fid-string": ("progress.json", lambda p: edit_json(p, lambda v: v.update(best_fid="inf"))),
+    "rng-not-json": ("rng-rank0.json", lambda p: p.write_bytes(b"\xff\x00")),
+    "rng-missing-numpy": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v.pop("numpy"))),
+    "rng-numpy-position": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v["numpy"].__setitem__(2, 1000))),
+    "rng-python-position": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v["python"][1].__setitem__(-1, 9999))),
+    "rng-python-a-number": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v.update(python=3))),
+    "rng-torch-short": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v.update(torch=v["torch"][:-1]))),
+    "rng-torch-byte-300": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v["torch"].__setitem__(0, 300))),
+    "rng-numpy-keys-strings": ("rng-rank0.json", lambda p: edit_json(p, lambda v: v["numpy"].__setitem__(1, ["a"] * 624))),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=list(DAMAGE))
+def test_a_damaged_progress_or_rng_file_is_one_error_naming_it(tmp_path, two_step_run, damage):
+    run = copy_run(two_step_run, tmp_path / "run")
+    name, change = DAMAGE[damage]
+    state = latest_state(run / "state")
+    change(state / name)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="damaged") as info:
+        run_training(tiny_recipe(train__steps=3), run, resume=True)
+    assert name in str(info.value) and "\n" not in str(info.value)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing written or lost
+
+
+@pytest.mark.parametrize("version", ["0.0.9", None])
+def test_a_state_written_by_another_release_is_refused(tmp_path, two_step_run, version):
+    import sagan_cli
+
+    run = copy_run(two_step_run, tmp_path / "run")
+    progress = latest_state(run / "state") / "progress.json"
+    assert json.loads(progress.read_text())["version"] == sagan_cli.__version__
+    edit_json(progress, lambda v: v.update(version=version) if version else v.pop("version"))
+    with pytest.raises(UserError, match=f"written by sagan {version or '0.1.0'}.*this is sagan {sagan_cli.__version__}"):
+        run_training(tiny_recipe(train__steps=3), run, resume=True)
+
+
+def test_a_damaged_state_is_one_error_line_on_the_command_line(tmp_path, two_step_run):
+    run = copy_run(two_step_run, tmp_path / "run")
+    (latest_state(run / "state") / "progress.json").write_text('{"step": [1]}')
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text("\n".join(f"[{table}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in values.items())
+                                for table, values in TINY.items()))
+    out = subprocess.run([*CLI, "train", str(recipe), "--out", str(run), "--resume", "--set", "train.steps=3"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr
+
+
+@pytest.mark.parametrize("config", ["kept", "torn", "missing"])
+def test_resume_starts_a_run_that_never_checkpointed_from_step_0(tmp_path, two_step_run, config):
+    """Killed before its first checkpoint (even while writing config.json): --resume starts it again, exactly."""
+    import shutil
+
+    run = copy_run(two_step_run, tmp_path / "run")
+    for name in ("state", "g.safetensors", "d.safetensors"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    if config == "torn":
+        (run / "config.json").write_text('{"data": {"kind": "synth')
+    elif config == "missing":
+        (run / "config.json").unlink()
+    with pytest.raises(UserError, match="already holds a run"):
+        run_training(tiny_recipe(train__steps=2), run)  # never overwritten without --resume
+    run_training(tiny_recipe(train__steps=2), run, resume=True)
+    straight = load_file(str(latest_state(two_step_run / "state") / "models.safetensors"))  # the same 2 steps
+    resumed = load_file(str(latest_state(run / "state") / "models.safetensors"))
+    assert straight.keys() == resumed.keys() and [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss_d" in x] == [1, 2]  # the killed run's lines are not kept twice
+    assert latest_state(run / "state").name == "step-0000002"
+
+
+def test_resume_of_a_run_that_never_checkpointed_still_checks_the_recipe(tmp_path, two_step_run):
+    import shutil
+
+    run = copy_run(two_step_run, tmp_path / "run")
+    shutil.rmtree(run / "state")
+    with pytest.raises(UserError, match="model.g_ch"):
+        run_training(tiny_recipe(model__g_ch=24), run, resume=True)
+
+
+@pytest.mark.parametrize(("key", "value"), [("train__seed", 5), ("data__hflip", True), ("data__synthetic_seed", 3)])
+def test_resume_refuses_a_change_of_the_data_order(tmp_path, two_step_run, key, value):
+    run = copy_run(two_step_run, tmp_path / "run")
+    with pytest.raises(UserError, match=rf"{key.replace('__', '.')} .*data order"):
+        run_training(tiny_recipe(train__steps=3, **{key: value}), run, resume=True)
+
+
+def test_resume_accepts_more_data_workers(tmp_path, two_step_run):
+    run = copy_run(two_step_run, tmp_path / "run")
+    assert run_training(tiny_recipe(train__steps=3, data__workers=1), run, resume=True).step == 3
+
+
+def test_a_state_that_overflowed_without_a_skipped_step_is_never_saved_or_named_good(tmp_path, two_step_run):
+    """--set train.lr_d=1e38 --set train.lr_g=1e38 --resume: the first update has finite losses and gradients
+    and blows the weights up; no state with a non-finite tensor (or outputs) is written, g.safetensors stays good."""
+    run = copy_run(two_step_run, tmp_path / "run")
+    with pytest.raises(UserError, match="training diverged") as info:
+        run_training(tiny_recipe(train__steps=12, train__lr_d=1e38, train__lr_g=1e38, train__checkpoint_every=1),
+                     run, resume=True)
+    good = latest_state(run / "state")
+    assert good.name == "step-0000002" and f"the last good checkpoint is {good}" in str(info.value)
+    for state in (run / "state").iterdir():
+        for name in ("models", "optimizers"):
+            for key, tensor in load_file(str(state / f"{name}.safetensors")).items():
+                assert not tensor.is_floating_point() or torch.isfinite(tensor).all(), (state.name, key)
+    for name in ("g", "d"):
+        model, info_ = load_model(run / f"{name}.safetensors")
+        assert info_.step == 2 and all(torch.isfinite(t).all() for t in model.state_dict().values())
+    g, _ = load_model(run / "g.safetensors", expect="generator")
+    assert all(abs(gamma) < 1 for gamma in gammas(g).values())
+
+
+def test_the_checkpoint_checks_leave_training_unchanged(tmp_path):
+    often = weights(run_training(tiny_recipe(train__checkpoint_every=1), tmp_path / "often"))
+    rarely = weights(run_training(tiny_recipe(train__checkpoint_every=1000), tmp_path / "rarely"))
+    assert [k for k in often if not torch.equal(often[k], rarely[k])] == []
