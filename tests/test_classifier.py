@@ -21,6 +21,7 @@ from test_cli_errors import run_main
 from torch_fidelity.noise import random_normal
 from torch_fidelity.utils import create_feature_extractor
 
+from sagan_cli.checkpoint import save_model
 from sagan_cli.classifier import (
     Classifier,
     ClassifierConfig,
@@ -31,7 +32,6 @@ from sagan_cli.classifier import (
     train_classifier,
     weights_sha256,
 )
-from sagan_cli.checkpoint import save_model
 from sagan_cli.config import DataConfig, EvalConfig, ModelConfig, Recipe
 from sagan_cli.data import SyntheticBlobs, build_dataset, dataset_identity
 from sagan_cli.features import CLASSIFIER_EXTRACTOR, register

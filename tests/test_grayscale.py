@@ -180,8 +180,8 @@ def test_eval_refuses_an_npz_whose_header_asks_for_more_than_the_file_holds(tmp_
 
     import numpy as np
 
-    from sagan_cli.eval_command import load_samples
     from sagan_cli.errors import UserError
+    from sagan_cli.eval_command import load_samples
 
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
