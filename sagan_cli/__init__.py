@@ -2,5 +2,5 @@
 
 import os as _os
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 PARENT_PID = _os.getppid()  # recorded first thing: under torchrun, the launcher that `launcher.py` watches

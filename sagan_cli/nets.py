@@ -44,6 +44,8 @@ class BatchNormGuard:
         self.buffers = [buffer for module in generator.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
                         for buffer in module.buffers()]
         self.saved = [buffer.clone() for buffer in self.buffers]
+        self.statistics = [buffer for buffer in self.buffers if buffer.is_floating_point()]  # not the step counts
+        self.unit = torch.ones((), device=self.buffers[0].device) if self.buffers else None
 
     def snapshot(self) -> None:
         if self.buffers:
@@ -54,8 +56,9 @@ class BatchNormGuard:
         keeps them (G's forwards were sound, and its update went ahead)."""
         if not self.buffers:
             return
-        broken = torch.stack([torch.isfinite(buffer).all() for buffer in self.buffers if buffer.is_floating_point()])
-        bad = torch.maximum(g_skipped, (~broken.all()).float())
+        broken = torch.zeros((), device=self.unit.device)  # one kernel checks every statistic (times 1: unchanged)
+        torch._amp_foreach_non_finite_check_and_unscale_(self.statistics, broken, self.unit)
+        bad = torch.maximum(g_skipped, broken)
         for buffer, saved in zip(self.buffers, self.saved, strict=True):
             buffer.copy_(torch.where(bad > 0, saved, buffer))
 

@@ -22,6 +22,15 @@ torch.backends.cudnn.allow_tf32 = False
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that launch several processes go first: each takes tens of seconds and two cores, so started
+    last (in file order) they ran side by side on the suite's critical path; started first, the many short
+    tests fill the other worker around them."""
+    items.sort(key=lambda item: item.get_closest_marker("processes") is None)  # stable: file order otherwise
+
+
 RGB = tuple[int, int, int]
 
 

@@ -174,3 +174,21 @@ def test_wgan_gp_in_fp16_trains_and_its_penalty_goes_through_the_loss_scale(tmp_
     assert torch.equal(plain, scaled)  # a power-of-two scale is exact in fp32: scaled, then unscaled
     result = run_training(fp16_recipe(train__loss="wgan-gp", train__steps=3, train__max_bad_steps=1), tmp_path / "run")
     assert result.step == 3 and all(torch.isfinite(p).all() for p in result.discriminator.parameters())
+
+
+def test_batchnorm_guard_restores_on_a_g_skip_or_broken_statistics_and_keeps_them_otherwise():
+    """The guard's three cases, on BatchNorm layers of their own: a skipped G update restores the snapshot;
+    a G update that went ahead keeps new finite statistics; non-finite statistics are restored either way."""
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(4))
+    guard = BatchNormGuard(bn)
+    guard.snapshot()
+    bn[1].running_var.fill_(2.0)
+    guard.restore_if(torch.zeros(()))
+    assert torch.equal(bn[1].running_var, torch.full((4,), 2.0))  # G's update went ahead: kept
+    guard.restore_if(torch.ones(()))
+    assert torch.equal(bn[1].running_var, torch.ones(4))  # G's update was skipped: restored
+    bn[0].running_mean.fill_(float("inf"))
+    bn[1].running_var.fill_(2.0)
+    guard.restore_if(torch.zeros(()))
+    assert torch.equal(bn[0].running_mean, torch.zeros(3)) and torch.equal(bn[1].running_var, torch.ones(4))
+    assert int(bn[0].num_batches_tracked) == 0

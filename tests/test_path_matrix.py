@@ -578,7 +578,8 @@ def cell_results(name: str, shared_root: Path, capsys, monkeypatch) -> tuple[dic
         return json.loads(done.read_text()), root
 
 
-@pytest.mark.parametrize("name", ALL_IDS)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.processes) if name.endswith("-2p") else name
+                                  for name in ALL_IDS])
 def test_cell(name: str, shared_root: Path, capsys, monkeypatch):
     results, _ = cell_results(name, shared_root, capsys, monkeypatch)
     seconds = results.pop("seconds")

@@ -57,6 +57,7 @@ def refused(out: Path, *, processes: int, holder: int, steps: int) -> None:
     assert "sagan_cli/" not in result.stderr  # no traceback from our code
 
 
+@pytest.mark.processes
 def test_a_second_run_is_refused_and_changes_nothing_and_a_killed_run_leaves_no_lock(tmp_path):
     """Single-process holder: a second `sagan train --resume` is refused and changes nothing; after SIGKILL the lock
     is free at once. (The next test does the same with 2 processes on each side, and resumes at once.)"""
@@ -80,6 +81,7 @@ def test_a_second_run_is_refused_and_changes_nothing_and_a_killed_run_leaves_no_
     assert not (out / "run.lock").exists()  # a lock that is let go of takes its file with it
 
 
+@pytest.mark.processes
 def test_workers_die_with_their_launcher_and_the_run_resumes_bit_for_bit(tmp_path):
     """SIGKILL to torchrun alone, twice, after a checkpoint at a random moment: both workers follow it within
     seconds, the next start is not refused, and the result equals an uninterrupted 2-process run."""

@@ -250,6 +250,7 @@ def two_ranks(script: Path, run: Path, steps: int, resume: bool = False) -> dict
     return {r: load_file(f"{run}.rank{r}.safetensors") for r in (0, 1)}
 
 
+@pytest.mark.processes
 def test_two_processes_stay_in_sync_draw_their_own_noise_and_resume_exactly(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(TWO_RANKS.format(raw=TINY))
@@ -281,6 +282,7 @@ def test_two_processes_stay_in_sync_draw_their_own_noise_and_resume_exactly(tmp_
         run_training(tiny_recipe(train__steps=6), tmp_path / "halves", resume=True)
 
 
+@pytest.mark.processes
 def test_a_failure_on_rank_0_alone_stops_every_rank_with_one_error_line(tmp_path):
     recipe = write_recipe(tmp_path / "r.toml", 4)
     run = tmp_path / "run"
