@@ -24,16 +24,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sagan_cli import __version__
-from sagan_cli.config import ModelConfig
+from sagan_cli.config import MODEL_SIZE_LIMITS, ModelConfig
 from sagan_cli.errors import UserError
 from sagan_cli.models import Discriminator, Generator
 
 KINDS = ("generator", "discriminator")
-# Upper bounds on the size-like fields a file may ask for (resolution, channels and attention sizes are
-# already limited to a few values by validate_model). A file is untrusted: without these, metadata saying
-# num_classes = 10**11 made `sagan sample` allocate until the machine was killed. Each bound is far
-# above any published GAN (BigGAN: 1,000 classes, z 120-128, width 96-128).
-MODEL_SIZE_LIMITS = {"num_classes": 100_000, "z_dim": 4096, "g_ch": 512, "d_ch": 512}
 
 
 def check_model_sizes(config: ModelConfig, source: str) -> None:
@@ -142,7 +137,9 @@ def load_model(path: str | Path, expect: str | None = None, device: str | torch.
     if expect is not None and info.kind != expect:
         hint = "g.safetensors" if expect == "generator" else "d.safetensors"
         raise UserError(f"{path} holds a {info.kind}, but a {expect} is needed here (use the run's {hint})")
-    model = Generator(info.config) if info.kind == "generator" else Discriminator(info.config)
+    build = Generator if info.kind == "generator" else Discriminator
+    _check_tensor_shapes(path, build, info.config)  # allocate only what the file really holds
+    model = build(info.config)
     try:
         from safetensors.torch import load_file
 
@@ -153,3 +150,20 @@ def load_model(path: str | Path, expect: str | None = None, device: str | torch.
         first = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]  # the detail
         raise UserError(f"{path}: its weights do not match its model config ({first}); the file is damaged or not from sagan") from None
     return model.to(device).eval(), info
+
+
+def _check_tensor_shapes(path: str | Path, build, config: ModelConfig) -> None:
+    """The model the metadata describes, built on the meta device (no memory), against the tensors the file's
+    header lists: metadata within the size limits can still ask for tens of GB that a small file does not hold."""
+    with torch.device("meta"):
+        wanted = {name: tuple(tensor.shape) for name, tensor in build(config).state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            held = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path} is not a readable safetensors file ({str(exc)[:120]})") from None
+    if wanted != held:
+        name = next((n for n in wanted if held.get(n) != wanted[n]), None) or next(n for n in held if n not in wanted)
+        raise UserError(f"{path}: its weights do not match its model config ({name}: {held.get(name, 'missing')} in "
+                        f"the file, {wanted.get(name, 'not in the model')} in the config); the file is damaged or "
+                        "not from sagan")

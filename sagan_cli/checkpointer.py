@@ -71,7 +71,8 @@ class Checkpointer:
                   for index, values in optimizer.state_dict()["state"].items() for key, value in values.items()
                   if torch.is_tensor(value)]
         named = [(name, value) for name, value in named if value.is_floating_point()] + self._probe()
-        finite = torch.stack([torch.isfinite(value).all() for _, value in named])
+        device = self.accelerator.device  # Adam keeps its step counts on the CPU off fused/capturable devices
+        finite = torch.stack([torch.isfinite(value).all().to(device) for _, value in named])
         flag = (~finite).any().float().reshape(1)
         if self.accelerator.num_processes > 1:
             flag = self.accelerator.reduce(flag, reduction="sum")
@@ -80,9 +81,11 @@ class Checkpointer:
         bad = [name for (name, _), ok in zip(named, finite.tolist(), strict=True) if not ok]
         last = latest_state(self.state_root)
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise UserError(f"training diverged: the state at step {step} is not finite "
-                        f"({bad[0] if bad else 'on another process'}), so it was not saved ({where}); "
-                        "try lower learning rates or train.mixed_precision = \"no\"")
+        error = UserError(f"training diverged: the state at step {step} is not finite "
+                          f"({bad[0] if bad else 'on another process'}), so it was not saved ({where}); "
+                          "try lower learning rates or train.mixed_precision = \"no\"")
+        error.every_rank = True  # every rank reached this verdict together: the command line prints it once
+        raise error
 
     @torch.no_grad()
     def _probe(self) -> list[tuple[str, torch.Tensor]]:

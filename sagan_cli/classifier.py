@@ -248,6 +248,10 @@ def train_classifier(data: DataConfig, resolution: int, num_classes: int, out: s
         raise UserError("a classifier needs labels: set model.num_classes (>= 2) to the dataset's class count")
     if epochs < 1 or batch_size < 1 or width < 1 or lr <= 0 or not 0 < test_fraction < 1:
         raise UserError("--epochs, --batch-size and --width must be >= 1, --lr > 0, and the test fraction in (0, 1)")
+    for key, value in (("width", width), ("num_classes", num_classes), ("resolution", resolution)):
+        low, high = CLASSIFIER_SIZE_LIMITS[key]
+        if not low <= value <= high:  # the bounds every classifier file is read with: never write one they refuse
+            raise UserError(f"classifier {key} = {value} is outside {low}-{high}, which `eval --classifier` reads")
     data = replace(data, hflip=False)
     full = build_dataset(data, resolution, num_classes, channels)
     channels = int(full[0][0].shape[0])

@@ -195,6 +195,13 @@ def _require(condition: bool, key: str, message: str) -> None:
         raise UserError(f"{key} {message}")
 
 
+# Upper bounds on the size-like model keys, for recipes and for files alike (a checkpoint's metadata is
+# untrusted: num_classes = 10**11 once made `sagan sample` allocate until the machine was killed). Each is far
+# above any published GAN (BigGAN: 1,000 classes, z 120-128, width 96-128); resolution, channels and attention
+# sizes are limited to a few values below.
+MODEL_SIZE_LIMITS = {"num_classes": 100_000, "z_dim": 4096, "g_ch": 1024, "d_ch": 1024}
+
+
 def validate_model(model: ModelConfig) -> None:
     for key, choices in CHOICES.items():
         if key.startswith("model."):
@@ -206,6 +213,9 @@ def validate_model(model: ModelConfig) -> None:
     _require(model.channels in CHANNELS, "model.channels", f"must be 1 (grayscale) or 3 (RGB), got {model.channels}")
     for key in ("z_dim", "g_ch", "d_ch"):
         _require(getattr(model, key) > 0, f"model.{key}", "must be > 0")
+    for key, limit in MODEL_SIZE_LIMITS.items():
+        _require(getattr(model, key) <= limit, f"model.{key}", f"= {getattr(model, key)}, beyond what sagan builds "
+                 f"(at most {limit})")
     for key in ("g_ch", "d_ch"):
         _require(getattr(model, key) % 8 == 0, f"model.{key}", "must be a multiple of 8 (attention uses C/8 channels)")
     for key, allowed in (("g_attention", model.g_sizes()), ("d_attention", model.d_sizes())):

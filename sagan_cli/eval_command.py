@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,11 @@ def _is_grayscale(path: Path) -> bool:
 DEFLATE_MAX_RATIO = 1100  # deflate expands at most ~1032:1; a member claiming more is lying
 
 
+# What a damaged .npz raises while numpy reads it: a bad zip directory, corrupt deflate data (zlib.error), an
+# encrypted member (RuntimeError), an unknown compression method (NotImplementedError), a truncated member.
+NPZ_ERRORS = (OSError, ValueError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error)
+
+
 def check_npz_sizes(path: Path) -> None:
     """Refuse an .npz whose array headers ask for more bytes than the file can hold, before numpy
     allocates them (numpy sizes its buffer from the header: a tiny file could ask for terabytes)."""
@@ -69,7 +75,7 @@ def check_npz_sizes(path: Path) -> None:
                 if wanted > possible:
                     raise UserError(f"{path}: its {info.filename} says {dtype} {tuple(shape)} ({wanted:,} bytes), "
                                     "more than the file holds; the file is damaged")
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except NPZ_ERRORS as exc:
         raise UserError(f"{path} is not an .npz with an `images` array ({str(exc)[:120]}); "
                         "write one with `sagan sample --format npz`") from None
 
@@ -93,7 +99,7 @@ def load_samples(path: Path) -> tuple[UInt8Images, int, torch.Tensor | None]:
         with np.load(path, allow_pickle=False) as npz:
             images = npz["images"]
             labels = npz["labels"] if "labels" in npz.files else None
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+    except (*NPZ_ERRORS, KeyError) as exc:
         raise UserError(f"{path} is not an .npz with an `images` array ({str(exc)[:120]}); "
                         "write one with `sagan sample --format npz`") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or images.shape[1] != images.shape[2]:

@@ -69,9 +69,10 @@ def _launcher_gone(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-# What a collective raises in the survivors when another process of the run died (gloo at once, from the closed
-# connection; NCCL when its watchdog or timeout notices).
-PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL error", "DistBackendError")
+# What a collective raises in the survivors when another process of the run died (gloo, at once, from the closed
+# connection). Not NCCL's generic errors: those also stand for this process's own faults (out of memory, a
+# mismatched collective), whose traceback must not be replaced by a line blaming another process.
+PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def peer_failure(exc: BaseException) -> str | None:

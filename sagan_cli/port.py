@@ -70,7 +70,8 @@ def load_port_state(path: str | Path, option: str) -> dict[str, torch.Tensor]:
         # file to safetensors (seen with a torch.save file named .safetensors): its errors are the file's too
         detail = (str(exc) or type(exc).__name__).splitlines()[0]
         raise UserError(f"{option} {path} is not a PyTorch checkpoint ({detail})") from None
-    if not isinstance(state, dict) or not state or not all(isinstance(value, torch.Tensor) for value in state.values()):
+    if (not isinstance(state, dict) or not state or not all(isinstance(key, str) for key in state)
+            or not all(isinstance(value, torch.Tensor) for value in state.values())):
         raise UserError(
             f"{option} {path} is not a state dict (a dict of tensors); the port saves one with "
             "torch.save(model.state_dict(), path)"

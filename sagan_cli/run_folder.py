@@ -22,6 +22,7 @@ RUN_FOLDERS = ("samples", "state")
 # the seed and the data keys: the data order (bit-exact resume), all but data.workers, which only loads faster.
 FROZEN_ON_RESUME = ("train.mixed_precision", "train.ema", "train.batch_size", "train.seed")
 THAWED_DATA_KEYS = ("workers",)
+TRAINED_FILES = ("g.safetensors", "d.safetensors", "g_best.safetensors")  # written after a committed state
 
 
 def check_run_folder(recipe: Recipe, run_dir: Path, *, resume: bool, world_size: int, rank: int = 0) -> Path | None:
@@ -34,6 +35,11 @@ def check_run_folder(recipe: Recipe, run_dir: Path, *, resume: bool, world_size:
     if state is None:  # killed before its first checkpoint: start it again from step 0, once the recipe agrees
         if not _holds_run(run_dir):
             raise UserError(f"nothing to resume in {run_dir} (no run there); drop --resume to start a new run")
+        trained = [name for name in TRAINED_FILES if (run_dir / name).exists()]
+        if trained:  # exported only after a state was committed: that state is gone, the weights are not
+            raise UserError(f"nothing to resume in {run_dir}: it has {trained[0]} but no state/ checkpoint "
+                            "(deleted?); restarting would overwrite the trained weights, so start a new run "
+                            "with another --out")
         if _readable_recipe(run_dir / "config.json"):
             _check_unchanged(recipe, run_dir)
         return None

@@ -69,16 +69,21 @@ def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], plan
                             foreach=None if plan.fused else True)
 
 
-def not_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> torch.Tensor:
-    """[any gradient or the loss, the loss] not finite, as 1.0/0.0 on the device.
+def not_finite(optimizer: torch.optim.Optimizer, loss: torch.Tensor, found: torch.Tensor | None = None) -> torch.Tensor:
+    """1.0 when the loss or any gradient is not finite (else 0.0), on the device: no host synchronisation.
 
-    One kernel checks every gradient (GradScaler's, with a unit scale): no host synchronisation.
+    One kernel checks every gradient (GradScaler's, with a unit scale). `found`: a flag to start from (fp16:
+    the loss's own flag, kept apart to tell divergence from a scaler overflow); it is raised in place.
     """
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    loss_bad = torch.isnan(loss.detach().float() * 0).float()  # x * 0 is NaN exactly when x is not finite
-    found = loss_bad.clone()
+    if found is None:
+        found = loss_not_finite(loss)
     torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones((), device=found.device))
-    return torch.stack([found, loss_bad])
+    return found
+
+
+def loss_not_finite(loss: torch.Tensor) -> torch.Tensor:
+    return torch.isnan(loss.detach().float() * 0).float()  # x * 0 is NaN exactly when x is not finite
 
 
 class Phases:
@@ -124,23 +129,26 @@ class Phases:
         routine, above all while it finds its level at the start, and does not count as divergence.
         `base_loss`: the loss whose finiteness tells (WGAN-GP: without the penalty, whose gradients are scaled)."""
         optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
+        if scaler is None:  # fp32/bf16: one flag, and every skip counts
             loss.backward()
-        else:  # fp16: scale the loss, then unscale the gradients (GradScaler also tracks overflows)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        bad, loss_bad = self.reduce_flag(not_finite(optimizer, loss if base_loss is None else base_loss)).unbind()
-        bad = torch.maximum(bad, loss_bad)
-        if self.plan.device_skip:
+            bad = self.reduce_flag(not_finite(optimizer, loss))
+            self._step(optimizer, bad)
+            return bad, bad
+        scaler.scale(loss).backward()  # fp16: scale the loss, then unscale the gradients (GradScaler tracks overflows)
+        scaler.unscale_(optimizer)
+        loss_bad = loss_not_finite(loss if base_loss is None else base_loss)
+        bad, loss_bad = self.reduce_flag(torch.stack([not_finite(optimizer, loss, loss_bad.clone()), loss_bad])).unbind()
+        self._step(optimizer, bad)
+        diverged = bad * torch.maximum(loss_bad, (scaler._scale <= 1).float())  # the scale before update()
+        scaler.update()
+        return bad, diverged
+
+    def _step(self, optimizer: torch.optim.Optimizer, bad: torch.Tensor) -> None:
+        if self.plan.device_skip:  # fused Adam skips on the device
             optimizer.found_inf = bad
             optimizer.step()
         elif not bad.item():  # foreach Adam refuses found_inf: the host decides
             optimizer.step()
-        if scaler is None:
-            return bad, bad
-        diverged = bad * torch.maximum(loss_bad, (scaler._scale <= 1).float())  # the scale before update()
-        scaler.update()
-        return bad, diverged
 
     def penalty_scale(self) -> torch.Tensor | None:
         """fp16: D's loss scale, for the gradient penalty's inner gradient (it must not underflow either)."""

@@ -131,7 +131,7 @@ def _with_metadata(src, dst, **changes):
     return dst
 
 
-def _limited_cli(*args):
+def _limited_cli(*args, gigabytes: int = 20):
     """The real command line in a process that may map at most 20 GB: before the bounds, the absurd sizes
     below allocated until the process died (or the machine did)."""
     import resource
@@ -139,7 +139,7 @@ def _limited_cli(*args):
     import sys
 
     def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (20 * 2**30, 20 * 2**30))
+        resource.setrlimit(resource.RLIMIT_AS, (gigabytes * 2**30, gigabytes * 2**30))
 
     return subprocess.run([sys.executable, "-m", "sagan_cli", *map(str, args)], capture_output=True, text=True,
                           preexec_fn=limit, timeout=300)
@@ -180,3 +180,17 @@ def test_absurd_sizes_in_a_classifier_file_are_refused(tmp_path, field, value):
     bad = _with_metadata(good, tmp_path / "bad.safetensors", config_key="sagan.classifier_config", **{field: value})
     with pytest.raises(UserError, match=f"{field} = {value!r}"):
         load_classifier(bad)
+
+
+def test_metadata_within_the_limits_but_not_matching_the_tensors_allocates_nothing(tmp_path, trained):
+    """Sizes within the limits can still describe a model of tens of GB (conditional BN tables of 100,000
+    classes at width 1024): the header's tensor shapes are checked on the meta device before anything is built,
+    so a small file can only cost what it holds. Run capped at 6 GB: building first would die of it."""
+    g, _ = trained
+    good = save_model(tmp_path / "g.safetensors", g, step=1)
+    bad = _with_metadata(good, tmp_path / "g-big.safetensors", arch="resnet", resolution=128, g_ch=1024, d_ch=1024,
+                         num_classes=100_000, g_attention=[], d_attention=[])
+    done = _limited_cli("sample", "--ckpt", bad, "-n", 1, "--out", tmp_path / "s", gigabytes=6)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1, \
+        (done.returncode, done.stderr[-500:])
+    assert "do not match its model config" in done.stderr

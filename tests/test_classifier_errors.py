@@ -91,6 +91,8 @@ CASES = {
     "train-out-is-a-folder": (["classifier", "train", "{recipe3}", "--out", "{root}"], ["is a folder"]),
     "train-bad-epochs": (["classifier", "train", "{recipe3}", "--out", "{root}/c.safetensors", "--epochs", "0"],
                          ["--epochs"]),
+    "train-width-beyond-what-eval-reads": (["classifier", "train", "{recipe3}", "--out", "{root}/c.safetensors",
+                                            "--width", "2048"], ["width = 2048 is outside 1-1024"]),
     "recipe-metric-without-classifier": (["train", "{recipe3}", "--set", 'eval.metrics=["gan_test"]', "--dry-run"],
                                          ["eval.classifier must be set"]),
 }

@@ -132,3 +132,14 @@ def test_recipe_printing_shows_square_brackets_verbatim(tmp_path, path):
     out = io.StringIO()
     print_recipe(recipe, tmp_path / "run [1]", Console(file=out, width=300))
     assert path in out.getvalue() and "run [1]" in out.getvalue() and "'x[/]'" in out.getvalue()
+
+
+def test_a_recipe_asking_for_sizes_beyond_the_file_limits_is_refused_at_once(tmp_path):
+    """The limits that a checkpoint's metadata must meet apply to recipes too: a run whose g.safetensors every
+    command would refuse is never started."""
+    from sagan_cli.config import MODEL_SIZE_LIMITS
+
+    for key, limit in MODEL_SIZE_LIMITS.items():
+        value = limit + 8
+        with pytest.raises(UserError, match=rf"model.{key} = {value}, beyond what sagan builds \(at most {limit}\)"):
+            load_recipe(write(tmp_path, GOOD, "big.toml"), [f"model.{key}={value}"])

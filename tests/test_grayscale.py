@@ -194,3 +194,20 @@ def test_eval_refuses_an_npz_whose_header_asks_for_more_than_the_file_holds(tmp_
     good = tmp_path / "good.npz"  # a real compressed file of zeros (ratio ~1000:1) is still read
     np.savez_compressed(good, images=np.zeros((40, 64, 64, 3), np.uint8))
     assert len(load_samples(good)[0]) == 40
+
+
+def test_eval_refuses_an_npz_with_corrupt_compressed_data_in_one_line(tmp_path):
+    """Corrupt deflate data inside a valid zip directory raises zlib.error in numpy: one error, not a traceback."""
+    import numpy as np
+
+    from sagan_cli.errors import UserError
+    from sagan_cli.eval_command import load_samples
+
+    path = tmp_path / "corrupt.npz"
+    np.savez_compressed(path, images=np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8))
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"images.npy") + len("images.npy") + 200  # inside the member's compressed data
+    raw[start:start + 64] = bytes(64)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="is not an .npz"):
+        load_samples(path)

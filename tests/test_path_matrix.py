@@ -40,6 +40,7 @@ import torch
 from filelock import FileLock
 from PIL import Image
 from test_cli_errors import run_main
+from test_interpolate_export import exported_output
 
 FACTORS: dict[str, tuple] = {
     "channels": (1, 3),
@@ -293,16 +294,7 @@ def check_export(ckpt: Path, out: Path, fmt: str) -> None:
         y = torch.arange(batch) % config.num_classes if config.num_classes else None
         with torch.no_grad():
             expected = g(z, y)
-        if fmt == "onnx":
-            import onnxruntime
-
-            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-            feed = {"z": z.numpy()} | ({"y": y.numpy()} if y is not None else {})
-            got = torch.from_numpy(session.run(None, feed)[0])
-        else:
-            module = torch.jit.load(str(out))
-            with torch.no_grad():
-                got = module(z, y) if y is not None else module(z)
+        got = exported_output(out, fmt, z, y)
         assert got.shape == (batch, config.channels, config.resolution, config.resolution), \
             f"batch {batch}: shape {tuple(got.shape)}"
         difference = float((got - expected).abs().max())

@@ -230,3 +230,14 @@ def test_generator_only(tmp_path: Path):
 
     import_port(tmp_path / "G.pth", None, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "g.safetensors"]
+
+
+def test_a_state_dict_with_keys_that_are_not_names_is_refused_in_one_line(tmp_path):
+    """A dict of tensors keyed by numbers is no state dict: the `module.` prefix check must not crash on it."""
+    from sagan_cli.errors import UserError
+    from sagan_cli.port import load_port_state
+
+    path = tmp_path / "numbers.pth"
+    torch.save({1: torch.zeros(1)}, path)
+    with pytest.raises(UserError, match="is not a state dict"):
+        load_port_state(path, "--g")

@@ -125,3 +125,17 @@ def test_the_lock_names_its_holder_and_a_refused_command_leaves_no_folder(tmp_pa
         RunLock(tmp_path / "run").acquire()  # another open file description: refused, as another process is
     first.release()
     assert not (tmp_path / "run").exists()  # the lock created the folder and nothing else was written to it
+
+
+def test_peer_failure_names_only_a_closed_connection_and_only_with_peers(monkeypatch):
+    """A gloo collective whose peer died: one line. A local NCCL fault or a single process: no such line (the
+    real traceback stays)."""
+    from sagan_cli.launcher import peer_failure
+
+    closed = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "another process of this run stopped (connection closed by peer)" in peer_failure(closed)
+    assert peer_failure(RuntimeError("NCCL error: unhandled cuda error (out of memory)")) is None
+    assert peer_failure(ValueError("Connection closed by peer")) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert peer_failure(closed) is None

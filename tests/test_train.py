@@ -517,8 +517,23 @@ def test_resume_of_a_run_that_never_checkpointed_still_checks_the_recipe(tmp_pat
 
     run = copy_run(two_step_run, tmp_path / "run")
     shutil.rmtree(run / "state")
+    for name in ("g.safetensors", "d.safetensors"):
+        (run / name).unlink()
     with pytest.raises(UserError, match="model.g_ch"):
         run_training(tiny_recipe(model__g_ch=24), run, resume=True)
+
+
+def test_resume_never_restarts_over_trained_weights_whose_state_is_gone(tmp_path, two_step_run):
+    """g/d.safetensors are written only after a committed state: with them there but state/ deleted, a restart
+    from step 0 would empty the log and overwrite the trained weights. Refused, and nothing changes."""
+    import shutil
+
+    run = copy_run(two_step_run, tmp_path / "run")
+    shutil.rmtree(run / "state")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="g.safetensors but no state/ checkpoint"):
+        run_training(tiny_recipe(train__steps=3), run, resume=True)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(("key", "value"), [("train__seed", 5), ("data__hflip", True), ("data__synthetic_seed", 3)])
