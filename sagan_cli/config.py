@@ -246,7 +246,7 @@ def _validate_widths(model: ModelConfig) -> None:
     sizes = model.d_block_sizes
     if sizes:
         ok = sizes[0] in (model.resolution, model.resolution // 2) and sizes[-1] >= 4 and all(
-            b in (a, a // 2) for a, b in zip([model.resolution, *sizes], sizes))
+            b in (a, a // 2) for a, b in zip([model.resolution, *sizes], sizes, strict=False))
         _require(ok and len(sizes) >= 2 and sizes[0] == model.resolution // 2, "model.d_block_sizes",
                  f"must start at {model.resolution // 2} (the first block halves), keep or halve the size at each "
                  f"block and end at 4 or more, got {sizes}")

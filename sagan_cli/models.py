@@ -119,12 +119,12 @@ class Discriminator(nn.Module):
             # one width and one output size per block; the default: a halving block per size, one more at 4x4
             block_sizes = config.d_block_sizes or config.default_d_block_sizes()
             block_widths = config.d_widths or [base_width * min(16, resolution // (2 * size)) for size in block_sizes]
-            inputs = [(config.channels, resolution), *zip(block_widths, block_sizes)]
+            inputs = [(config.channels, resolution), *zip(block_widths, block_sizes, strict=True)]
             blocks = [ResDownBlock(cin, cout, use_sn, config.init, first=index == 0, down=size < size_in,
                                    shortcut_relu=config.d_shortcut_relu)
-                      for index, ((cin, size_in), cout, size) in enumerate(zip(inputs, block_widths, block_sizes))]
+                      for index, ((cin, size_in), cout, size) in enumerate(zip(inputs, block_widths, block_sizes, strict=False))]
             widths = {}
-            for size, width in zip(block_sizes, block_widths):
+            for size, width in zip(block_sizes, block_widths, strict=True):
                 widths.setdefault(size, width)  # attention sits after the first block of its size
             sizes = [size if index == 0 or size != block_sizes[index - 1] else -1
                      for index, size in enumerate(block_sizes)]  # -1: a repeated size, no attention after it
