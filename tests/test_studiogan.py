@@ -31,9 +31,13 @@ Z_DIM = 16
 
 
 def _layouts(resolution: int, g: int, d: int) -> tuple[list[int], list[int], list[int], list[bool]]:
-    """StudioGAN's resnet tables: G widths (stem, then each block), D widths and which D blocks pool."""
+    """StudioGAN's resnet tables: G widths (stem, then each block), D widths and which D blocks pool.
+    resolution "64-2020": the 64x64 tables of its 2020 releases (G ends at 2 * g_conv_dim, D starts at 2 * d)."""
     if resolution == 32:
         return [4 * g] * 4, [2 * d] * 4, [3] + [2 * d] * 3, [True, True, False, False]
+    if resolution == "64-2020":
+        return [16 * g, 16 * g, 8 * g, 4 * g, 2 * g], [2 * d, 4 * d, 8 * d, 16 * d, 16 * d], \
+            [3, 2 * d, 4 * d, 8 * d, 16 * d], [True, True, True, True, False]
     mult = {64: [16, 8, 4, 2, 1], 128: [16, 16, 8, 4, 2, 1]}[resolution]
     d_out = {64: [1, 2, 4, 8, 16], 128: [1, 2, 4, 8, 16, 16]}[resolution]
     return ([m * g for m in mult], [m * d for m in d_out], [3] + [m * d for m in d_out[:-1]],
@@ -46,6 +50,7 @@ CASES = {
     "cifar10-embed": (32, 8, 8, [2], [1], 10, "embed"),
     "cifar10-onehot": (32, 8, 8, [2], [1], 10, "onehot"),
     "64-onehot": (64, 8, 8, [3], [1], 20, "onehot"),
+    "64-2020-embed": ("64-2020", 8, 8, [3], [1], 20, "embed"),
     "imagenet128-embed": (128, 8, 8, [4], [1], 12, "embed"),
 }
 
@@ -67,9 +72,10 @@ def _sn(state: dict, prefix: str, shape: tuple[int, ...], rnd: _Random, bias: bo
     w = rnd(*shape, scale=scale)
     mat = w.reshape(shape[0], -1)
     v = F.normalize(rnd(mat.shape[1]), dim=0)
-    for _ in range(3):
+    for _ in range(0 if rnd.shapes_only else 3):
         u = F.normalize(mat @ v, dim=0)
         v = F.normalize(mat.t() @ u, dim=0)
+    u = F.normalize(mat @ v, dim=0) if rnd.shapes_only else u
     state[f"{prefix}.weight_orig"], state[f"{prefix}.weight_u"], state[f"{prefix}.weight_v"] = w, u, v
     if bias:
         state[f"{prefix}.bias"] = rnd(shape[0], scale=0.1)
@@ -232,7 +238,8 @@ def _save(root: Path, case: str) -> tuple[dict, dict]:
 def imported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp(request.param)
     g_state, d_state = _save(root, request.param)
-    resolution, _, _, g_loc, d_loc, classes, _ = CASES[request.param]
+    _, _, _, g_loc, d_loc, classes, _ = CASES[request.param]
+    resolution = _resolution(request.param)
     config = root / "SAGAN.yaml"
     config.write_text(f"DATA:\n  img_size: {resolution}\n  num_classes: {classes}\nMODEL:\n  apply_attn: True\n"
                       f"  attn_g_loc: {g_loc}\n  attn_d_loc: {d_loc}\n")
@@ -240,8 +247,13 @@ def imported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return {"case": request.param, "g_state": g_state, "d_state": d_state, "out": root / "out"}
 
 
+def _resolution(case: str) -> int:
+    return 64 if CASES[case][0] == "64-2020" else CASES[case][0]
+
+
 def test_generator_gives_studiogans_images(imported: dict):
-    resolution, _, _, _, _, classes, _ = CASES[imported["case"]]
+    _, _, _, _, _, classes, _ = CASES[imported["case"]]
+    resolution = _resolution(imported["case"])
     g, info = load_model(imported["out"] / "g.safetensors", expect="generator")
     assert (info.config.resolution, info.config.num_classes, info.config.bn_eps) == (resolution, classes, 1e-4)
     z, y = make_noise(4, Z_DIM, seed=3), torch.tensor([0, 1, classes - 1, 3])
@@ -257,9 +269,10 @@ def test_generator_gives_studiogans_images(imported: dict):
 
 
 def test_discriminator_gives_studiogans_scores(imported: dict):
-    resolution, _, _, _, _, classes, _ = CASES[imported["case"]]
+    layout, _, _, _, _, classes, _ = CASES[imported["case"]]
+    resolution = _resolution(imported["case"])
     d, _ = load_model(imported["out"] / "d.safetensors", expect="discriminator")
-    down = _layouts(resolution, 8, 8)[3]
+    down = _layouts(layout, 8, 8)[3]
     x = torch.rand(4, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
     y = torch.tensor([2, 0, classes - 1, 1])
     with torch.no_grad():
