@@ -363,3 +363,34 @@ def imported_cli(tmp_path_factory: pytest.TempPathFactory) -> Path:
                           "--out", str(root / "bad")], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     return root / "out"
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"arch": "dcgan", "g_widths": [64] * 4}, "model.g_widths"),
+    ({"arch": "resnet", "resolution": 32, "g_widths": [64] * 3}, "model.g_widths"),
+    ({"arch": "resnet", "resolution": 32, "d_widths": [64] * 3}, "model.d_widths"),
+    ({"arch": "resnet", "resolution": 32, "g_widths": [64, 64, 60, 64]}, "model.g_widths"),
+    ({"arch": "resnet", "resolution": 32, "d_block_sizes": [16, 4, 4]}, "model.d_block_sizes"),
+    ({"arch": "resnet", "resolution": 32, "d_block_sizes": [32, 16]}, "model.d_block_sizes"),
+    ({"arch": "resnet", "resolution": 32, "d_block_sizes": [16, 8, 8], "d_attention": [4]}, "model.d_attention"),
+    ({"arch": "dcgan", "d_shortcut_relu": True}, "model.d_shortcut_relu"),
+    ({"bn_eps": 0.0}, "model.bn_eps"),
+])
+def test_the_new_model_keys_are_validated(values: dict, key: str):
+    from sagan_cli.config import ModelConfig
+
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        ModelConfig.from_dict(values)
+
+
+def test_d_block_sizes_build_the_blocks_they_say():
+    """[16, 8, 8]: the first two blocks pool, the third keeps 8x8; attention at 8 sits after the first 8x8 block."""
+    from sagan_cli.config import ModelConfig
+    from sagan_cli.models import Discriminator
+
+    config = ModelConfig(arch="resnet", resolution=32, d_ch=8, d_block_sizes=[16, 8, 8], d_widths=[8, 16, 16],
+                         d_attention=[8], attention="paper")
+    d = Discriminator(config)
+    assert [block.down for block in d.blocks] == [True, True, False]
+    assert [attention is not None for _, attention in d.stages] == [False, True, False]
+    assert d.blocks[2].shortcut is None and d(torch.zeros(2, 3, 32, 32)).shape == (2,)
