@@ -394,3 +394,21 @@ def test_d_block_sizes_build_the_blocks_they_say():
     assert [block.down for block in d.blocks] == [True, True, False]
     assert [attention is not None for _, attention in d.stages] == [False, True, False]
     assert d.blocks[2].shortcut is None and d(torch.zeros(2, 3, 32, 32)).shape == (2,)
+
+
+@pytest.mark.skipif(int(np.__version__.split(".")[0]) < 2, reason="numpy 1 writes the old name itself")
+def test_a_numpy_1_best_fid_loads(tmp_path: Path):
+    """Files written under numpy 1 name its scalar constructor numpy.core.multiarray.scalar: allow-listed too."""
+    import zipfile
+
+    from sagan_cli.studiogan import load_studiogan_state
+
+    torch.save({"state_dict": {"a": torch.ones(2)}, "best_fid": np.float64(10.35)}, tmp_path / "new.pth")
+    with zipfile.ZipFile(tmp_path / "new.pth") as source, zipfile.ZipFile(tmp_path / "old.pth", "w") as target:
+        for name in source.namelist():
+            data = source.read(name)
+            if name.endswith("data.pkl"):
+                assert b"numpy._core.multiarray" in data
+                data = data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+            target.writestr(name, data)
+    assert list(load_studiogan_state(tmp_path / "old.pth", "--d")) == ["a"]
