@@ -24,6 +24,7 @@ Nothing but `torch.load(weights_only=True)` reads the files; numpy scalars (D's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import re
@@ -50,8 +51,9 @@ def _numpy_globals() -> list:
     """What pickling a numpy float needs: the scalar constructor (under numpy 1's and 2's module names), dtype."""
     core = getattr(np, "_core", None) or np.core
     scalar = core.multiarray.scalar
-    allowed: list = [scalar, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
-                     np.dtype]
+    allowed: list = [scalar, np.dtype]
+    if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 6):  # (object, name) pairs
+        allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
     allowed += [getattr(np.dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType",
                                                       "BoolDType") if hasattr(np, "dtypes")]
     return allowed
@@ -64,7 +66,9 @@ def load_studiogan_state(path: str | Path, option: str) -> dict[str, torch.Tenso
         what = "is a folder, not a file" if path.exists() else "does not exist"
         raise UserError(f"{option} {path} {what}; give the .pth file StudioGAN saved (model=G-best-weights-step=N.pth)")
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_globals()):
+        allow = (torch.serialization.safe_globals(_numpy_globals()) if hasattr(torch.serialization, "safe_globals")
+                 else contextlib.nullcontext())  # torch < 2.5: a numpy scalar is refused like any other object
+        with warnings.catch_warnings(), allow:
             warnings.simplefilter("ignore")
             content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
