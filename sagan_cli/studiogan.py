@@ -119,6 +119,14 @@ class _Reader:
                             f"it is not {EXPECTED[self.option]} (only the resnet SAGAN configs import)")
 
 
+def _shape(state: dict, key: str, ndim: int, option: str) -> tuple[int, ...]:
+    """The shape of a tensor the layout needs, or a one-line refusal naming it."""
+    if key not in state or state[key].ndim != ndim:
+        found = f"shape {list(state[key].shape)}" if key in state else "nothing"
+        raise UserError(f"{option} is not {EXPECTED[option]}: {key!r} should be a {ndim}-d tensor, found {found}")
+    return tuple(int(size) for size in state[key].shape)
+
+
 def _blocks(state: dict, prefix: str = "blocks") -> list[str]:
     """'block' or 'attention' for each blocks.I.0 entry, in order."""
     indices = sorted({int(m.group(1)) for key in state if (m := re.match(rf"{prefix}\.(\d+)\.0\.", key))})
@@ -214,21 +222,21 @@ def _g_layout(state: dict) -> dict:
     if not 3 <= len(blocks) <= 6:
         raise UserError(f"--g has {len(blocks)} residual blocks; StudioGAN's resnet G has 3 (32x32) to 6 (256x256)")
     resolution = 4 * 2 ** len(blocks)
-    widths = [int(state[f"blocks.{blocks[0]}.0.conv2d1.weight_orig"].shape[1])]
-    widths += [int(state[f"blocks.{i}.0.conv2d1.weight_orig"].shape[0]) for i in blocks]
+    widths = [_shape(state, f"blocks.{blocks[0]}.0.conv2d1.weight_orig", 4, "--g")[1]]
+    widths += [_shape(state, f"blocks.{i}.0.conv2d1.weight_orig", 4, "--g")[0] for i in blocks]
     attention = [4 * 2 ** sum(1 for b in blocks if b < i) for i, kind in enumerate(kinds) if kind == "attention"]
     if 4 in attention:
         raise UserError("--g has attention before its first block, where sagan's G places none")
     prefix = f"blocks.{blocks[0]}.0.bn1"
     if f"{prefix}.embed0.weight_orig" in state:
-        num_classes = int(state[f"{prefix}.embed0.weight_orig"].shape[0])
+        num_classes = _shape(state, f"{prefix}.embed0.weight_orig", 2, "--g")[0]
     elif f"{prefix}.gain.weight_orig" in state:
-        num_classes = int(state[f"{prefix}.gain.weight_orig"].shape[1])
+        num_classes = _shape(state, f"{prefix}.gain.weight_orig", 2, "--g")[1]
     elif f"{prefix}.bn.running_mean" in state:
         raise UserError("--g has a conditional BatchNorm sagan does not know (neither embed0/embed1 nor gain/bias)")
     else:
         num_classes = 0
-    z_dim = int(state["linear0.weight_orig"].shape[1])
+    z_dim = _shape(state, "linear0.weight_orig", 2, "--g")[1]
     return {"kinds": kinds, "resolution": resolution, "widths": widths, "attention": attention,
             "num_classes": num_classes, "z_dim": z_dim}
 
@@ -243,7 +251,7 @@ def _d_layout(state: dict) -> dict:
         raise UserError(f"--d has {len(blocks)} residual blocks; StudioGAN's resnet D has 4 (32x32) to 7 (256x256)")
     resolution = 32 if len(blocks) == 4 else 2 ** (len(blocks) + 1)
     sizes = [16, 8, 8, 8] if resolution == 32 else [*[resolution // 2 ** (i + 1) for i in range(len(blocks) - 1)], 4]
-    widths = [int(state[f"blocks.{i}.0.conv2d1.weight_orig"].shape[0]) for i in blocks]
+    widths = [_shape(state, f"blocks.{i}.0.conv2d1.weight_orig", 4, "--d")[0] for i in blocks]
     attention = []
     for i, kind in enumerate(kinds):
         if kind == "attention":
@@ -251,7 +259,7 @@ def _d_layout(state: dict) -> dict:
             if before == 0 or (before > 1 and sizes[before - 1] == sizes[before - 2]):
                 raise UserError(f"--d has attention after block {before}, where sagan's D places none")
             attention.append(sizes[before - 1])
-    num_classes = int(state["embedding.weight_orig"].shape[0]) if "embedding.weight_orig" in state else 0
+    num_classes = _shape(state, "embedding.weight_orig", 2, "--d")[0] if "embedding.weight_orig" in state else 0
     return {"kinds": kinds, "resolution": resolution, "sizes": sizes, "widths": widths, "attention": attention,
             "num_classes": num_classes}
 

@@ -319,9 +319,12 @@ def test_refusals_are_one_line(tmp_path: Path):
         _refusal(tmp_path, {"state_dict": {**g_state, "extra.weight": torch.ones(3)}}),  # more than SAGAN
         _refusal(tmp_path, {"state_dict": {**g_state, "linear0.weight_orig": torch.empty(0, 16)}}),  # empty tensor
         _refusal(tmp_path, [1, 2, 3]),
+        _refusal(tmp_path, {"state_dict": {k.replace("weight_orig", "weight"): v for k, v in g_state.items()}}),
+        _refusal(tmp_path, {"state_dict": {**g_state, "blocks.0.0.conv2d1.weight_orig": torch.ones(3)}}),
     ]
     assert "StudioGAN's SAGAN generator" in messages[0] and "swap --g and --d" in messages[1]
     assert "extra.weight" in messages[2] and "holds no numbers" in messages[3]
+    assert "linear0.weight_orig" in messages[5] and "should be a 4-d tensor" in messages[6]
     assert all("\n" not in message for message in messages)
 
 
