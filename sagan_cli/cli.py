@@ -318,6 +318,25 @@ def import_port(
 
 
 @app.command(
+    "import-studiogan",
+    epilog="Example: sagan import-studiogan --g \"model=G_ema-best-weights-step=100000.pth\" "
+    "--d \"model=D-best-weights-step=100000.pth\" --config SAGAN.yaml --out runs/studiogan-cifar10",
+)
+def import_studiogan(
+    g: Annotated[Path | None, typer.Option("--g", help="StudioGAN's generator file (model=G-...-step=N.pth or G_ema).")] = None,
+    d: Annotated[Path | None, typer.Option("--d", help="StudioGAN's discriminator file (optional).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="StudioGAN's config (e.g. SAGAN.yaml), checked against "
+                                                "the weights (optional: the shapes say it all).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for g.safetensors, d.safetensors, config.json.")] = ...,
+) -> None:
+    """Convert PyTorch-StudioGAN's SAGAN checkpoints (resnet backbone, 32-256) into sagan checkpoints."""
+    from sagan_cli.studiogan import import_studiogan as convert
+
+    for path in convert(g, d, out, config):
+        print(f"wrote {path}")
+
+
+@app.command(
     epilog="Example: sagan interpolate --ckpt runs/quick/g.safetensors --seeds 0,5,9 --steps 10 --classes 0,3,7 "
     "--out interp/",
 )

@@ -58,6 +58,11 @@ class ModelConfig:
     d_spectral_norm: bool = True  # spectral norm on D's convs/linears
     sn_last_layer: bool = False  # also on the last layer of each network
     init: str = "orthogonal"  # weight init: orthogonal | normal | xavier | default (PyTorch's)
+    bn_eps: float = 1e-5  # BatchNorm epsilon in G (StudioGAN: 1e-4)
+    g_widths: list[int] = field(default_factory=list)  # resnet: G widths, 4x4 stem then each block ([]: from g_ch)
+    d_widths: list[int] = field(default_factory=list)  # resnet: D widths, one per block ([]: from d_ch)
+    d_block_sizes: list[int] = field(default_factory=list)  # resnet: D map size after each block ([]: R/2 .. 4, 4)
+    d_shortcut_relu: bool = False  # resnet: D's residual shortcuts (not the first block's) see relu(x) (StudioGAN)
 
     def g_sizes(self) -> list[int]:
         """Feature-map sizes after each generator block: where G attention may sit."""
@@ -66,8 +71,15 @@ class ModelConfig:
         return [2**i for i in range(int(math.log2(first)), int(math.log2(last)) + 1)]
 
     def d_sizes(self) -> list[int]:
-        """Feature-map sizes after each discriminator block: where D attention may sit."""
+        """Feature-map sizes after each discriminator block: where D attention may sit (after the first
+        block of that size). Without `d_block_sizes`: R/2, ..., 4 (the resnet D's extra 4x4 block not listed)."""
+        if self.d_block_sizes:
+            return list(self.d_block_sizes)
         return [2**i for i in range(int(math.log2(self.resolution)) - 1, 1, -1)]
+
+    def default_d_block_sizes(self) -> list[int]:
+        """The resnet D's blocks: one halving block per size R/2 .. 4, then one more at 4x4."""
+        return [*[2**i for i in range(int(math.log2(self.resolution)) - 1, 1, -1)], 4]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,7 +230,9 @@ def validate_model(model: ModelConfig) -> None:
                  f"(at most {limit})")
     for key in ("g_ch", "d_ch"):
         _require(getattr(model, key) % 8 == 0, f"model.{key}", "must be a multiple of 8 (attention uses C/8 channels)")
-    for key, allowed in (("g_attention", model.g_sizes()), ("d_attention", model.d_sizes())):
+    _require(0 < model.bn_eps <= 0.1, "model.bn_eps", f"must be in (0, 0.1], got {model.bn_eps}")
+    _validate_widths(model)
+    for key, allowed in (("g_attention", model.g_sizes()), ("d_attention", sorted(set(model.d_sizes()), reverse=True))):
         for size in getattr(model, key):
             _require(
                 size in allowed,
@@ -226,6 +240,33 @@ def validate_model(model: ModelConfig) -> None:
                 f"has size {size}, but a {model.arch} model at resolution {model.resolution} "
                 f"has feature maps of sizes {allowed} there",
             )
+
+
+def _validate_widths(model: ModelConfig) -> None:
+    """g_widths, d_widths and d_block_sizes: resnet only, one entry per stage, multiples of 8."""
+    for key in ("g_widths", "d_widths", "d_block_sizes", "d_shortcut_relu"):
+        _require(not getattr(model, key) or model.arch == "resnet", f"model.{key}",
+                 f"applies to the resnet arch only (model.arch is {model.arch!r}); leave it out")
+    if model.arch != "resnet":
+        return
+    stages = len(model.g_sizes()) + 1
+    _require(not model.g_widths or len(model.g_widths) == stages, "model.g_widths",
+             f"must list {stages} widths at resolution {model.resolution} (the 4x4 stem, then each block), "
+             f"got {len(model.g_widths)}")
+    sizes = model.d_block_sizes
+    if sizes:
+        ok = sizes[0] in (model.resolution, model.resolution // 2) and sizes[-1] >= 4 and all(
+            b in (a, a // 2) for a, b in zip([model.resolution, *sizes], sizes, strict=False))
+        _require(ok and len(sizes) >= 2 and sizes[0] == model.resolution // 2, "model.d_block_sizes",
+                 f"must start at {model.resolution // 2} (the first block halves), keep or halve the size at each "
+                 f"block and end at 4 or more, got {sizes}")
+    blocks = len(sizes or model.default_d_block_sizes())
+    _require(not model.d_widths or len(model.d_widths) == blocks, "model.d_widths",
+             f"must list {blocks} widths (one per D block), got {len(model.d_widths)}")
+    for key in ("g_widths", "d_widths"):
+        for width in getattr(model, key):
+            _require(0 < width <= 8192 and width % 8 == 0, f"model.{key}",
+                     f"entries must be positive multiples of 8 (attention uses C/8 channels), got {width}")
 
 
 def validate(recipe: Recipe) -> Recipe:

@@ -273,9 +273,9 @@ class ClassBatchNorm2d(nn.Module):
     With num_classes == 0 it is an ordinary affine BatchNorm and ignores the labels.
     """
 
-    def __init__(self, channels: int, num_classes: int = 0):
+    def __init__(self, channels: int, num_classes: int = 0, eps: float = 1e-5):
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels, affine=num_classes == 0)
+        self.bn = nn.BatchNorm2d(channels, eps=eps, affine=num_classes == 0)
         if num_classes:
             self.gain = nn.Embedding(num_classes, channels)
             self.bias = nn.Embedding(num_classes, channels)
@@ -294,11 +294,12 @@ class ClassBatchNorm2d(nn.Module):
 class DCGANUpBlock(nn.Module):
     """Transposed conv (x2) -> BatchNorm -> ReLU: the popular port's generator layer."""
 
-    def __init__(self, cin: int, cout: int, num_classes: int, use_sn: bool, init: str, *, stem: bool = False):
+    def __init__(self, cin: int, cout: int, num_classes: int, use_sn: bool, init: str, *, stem: bool = False,
+                 eps: float = 1e-5):
         super().__init__()
         conv = nn.ConvTranspose2d(cin, cout, 4) if stem else nn.ConvTranspose2d(cin, cout, 4, 2, 1)
         self.conv = sn(conv, use_sn, init)
-        self.bn = ClassBatchNorm2d(cout, num_classes)
+        self.bn = ClassBatchNorm2d(cout, num_classes, eps)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return F.relu(self.bn(self.conv(x), y))
@@ -318,11 +319,11 @@ class DCGANDownBlock(nn.Module):
 class ResUpBlock(nn.Module):
     """BN-ReLU-up-conv3-BN-ReLU-conv3 plus an upsampled 1x1 shortcut (the paper's ImageNet G block)."""
 
-    def __init__(self, cin: int, cout: int, num_classes: int, use_sn: bool, init: str):
+    def __init__(self, cin: int, cout: int, num_classes: int, use_sn: bool, init: str, *, eps: float = 1e-5):
         super().__init__()
-        self.bn1 = ClassBatchNorm2d(cin, num_classes)
+        self.bn1 = ClassBatchNorm2d(cin, num_classes, eps)
         self.conv1 = sn(nn.Conv2d(cin, cout, 3, padding=1), use_sn, init)
-        self.bn2 = ClassBatchNorm2d(cout, num_classes)
+        self.bn2 = ClassBatchNorm2d(cout, num_classes, eps)
         self.conv2 = sn(nn.Conv2d(cout, cout, 3, padding=1), use_sn, init)
         self.shortcut = sn(nn.Conv2d(cin, cout, 1), use_sn, init)
 
@@ -334,17 +335,23 @@ class ResUpBlock(nn.Module):
 
 class ResDownBlock(nn.Module):
     """(ReLU)-conv3-ReLU-conv3-avgpool plus a 1x1 shortcut; the first block skips the leading ReLU
-    so the raw image is not clipped."""
+    so the raw image is not clipped. `shortcut_relu`: the shortcut of a block after the first sees relu(x), not
+    x (StudioGAN's in-place ReLU)."""
 
-    def __init__(self, cin: int, cout: int, use_sn: bool, init: str, *, first: bool = False, down: bool = True):
+    def __init__(self, cin: int, cout: int, use_sn: bool, init: str, *, first: bool = False, down: bool = True,
+                 shortcut_relu: bool = False):
         super().__init__()
         self.first, self.down = first, down
+        self.shortcut_relu = shortcut_relu and not first
         self.conv1 = sn(nn.Conv2d(cin, cout, 3, padding=1), use_sn, init)
         self.conv2 = sn(nn.Conv2d(cout, cout, 3, padding=1), use_sn, init)
         self.shortcut = sn(nn.Conv2d(cin, cout, 1), use_sn, init) if (cin != cout or down) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv2(F.relu(self.conv1(x if self.first else F.relu(x))))
+        activated = x if self.first else F.relu(x)
+        h = self.conv2(F.relu(self.conv1(activated)))
+        if self.shortcut_relu:
+            x = activated
         if self.down:
             h = F.avg_pool2d(h, 2)
         # a 1x1 conv commutes with 2x2 average pooling, so pool first: 4x fewer shortcut FLOPs, same result

@@ -65,16 +65,20 @@ class Generator(nn.Module):
         if config.arch == "dcgan":
             widths = {size: base_width * min(8, resolution // (2 * size)) for size in sizes}
             self.stem = None
-            blocks = [DCGANUpBlock(config.z_dim, widths[4], num_classes, use_sn, config.init, stem=True)]
-            blocks += [DCGANUpBlock(widths[size // 2], widths[size], num_classes, use_sn, config.init)
-                       for size in sizes[1:]]
+            blocks = [DCGANUpBlock(config.z_dim, widths[4], num_classes, use_sn, config.init, stem=True,
+                                   eps=config.bn_eps)]
+            blocks += [DCGANUpBlock(widths[size // 2], widths[size], num_classes, use_sn, config.init,
+                                    eps=config.bn_eps) for size in sizes[1:]]
             self.final_bn = None
             self.to_rgb = sn(nn.ConvTranspose2d(widths[sizes[-1]], config.channels, 4, 2, 1), last_sn, config.init)
         else:
             widths = {size: base_width * min(16, resolution // size) for size in [4, *sizes]}
+            if config.g_widths:
+                widths = dict(zip([4, *sizes], config.g_widths, strict=True))
             self.stem = sn(nn.Linear(config.z_dim, 4 * 4 * widths[4]), use_sn, config.init)
-            blocks = [ResUpBlock(widths[size // 2], widths[size], num_classes, use_sn, config.init) for size in sizes]
-            self.final_bn = ClassBatchNorm2d(widths[resolution], 0)
+            blocks = [ResUpBlock(widths[size // 2], widths[size], num_classes, use_sn, config.init, eps=config.bn_eps)
+                      for size in sizes]
+            self.final_bn = ClassBatchNorm2d(widths[resolution], 0, eps=config.bn_eps)
             self.to_rgb = sn(nn.Conv2d(widths[resolution], config.channels, 3, padding=1), last_sn, config.init)
         self.stem_channels = widths[4]
         self.blocks = nn.ModuleList(blocks)
@@ -112,16 +116,26 @@ class Discriminator(nn.Module):
             blocks += [DCGANDownBlock(widths[2 * size], widths[size], use_sn, config.init) for size in sizes[1:]]
             self.head = sn(nn.Conv2d(widths[4], 1, 4), last_sn, config.init)  # 4x4 -> 1x1, as in the port
         else:
-            widths = {size: base_width * min(16, resolution // (2 * size)) for size in sizes}
-            blocks = [ResDownBlock(config.channels, widths[sizes[0]], use_sn, config.init, first=True)]
-            blocks += [ResDownBlock(widths[2 * size], widths[size], use_sn, config.init) for size in sizes[1:]]
-            blocks += [ResDownBlock(widths[4], widths[4], use_sn, config.init, down=False)]
-            self.head = sn(nn.Linear(widths[4], 1), last_sn, config.init)
+            # one width and one output size per block; the default: a halving block per size, one more at 4x4
+            block_sizes = config.d_block_sizes or config.default_d_block_sizes()
+            block_widths = config.d_widths or [base_width * min(16, resolution // (2 * size)) for size in block_sizes]
+            inputs = [(config.channels, resolution), *zip(block_widths, block_sizes, strict=True)]
+            blocks = [ResDownBlock(cin, cout, use_sn, config.init, first=index == 0, down=size < size_in,
+                                   shortcut_relu=config.d_shortcut_relu)
+                      for index, ((cin, size_in), cout, size) in enumerate(zip(inputs, block_widths, block_sizes, strict=False))]
+            widths = {}
+            for size, width in zip(block_sizes, block_widths, strict=True):
+                widths.setdefault(size, width)  # attention sits after the first block of its size
+            sizes = [size if index == 0 or size != block_sizes[index - 1] else -1
+                     for index, size in enumerate(block_sizes)]  # -1: a repeated size, no attention after it
+            self.head = sn(nn.Linear(block_widths[-1], 1), last_sn, config.init)
+            widths[0] = block_widths[-1]
         self.blocks = nn.ModuleList(blocks)
         self.attention = _attention(config.d_attention, widths, config, use_sn)
         self.stages = _stages(self.blocks, sizes, self.attention)
         # projection discriminator (Miyato & Koyama 2018): + <embed(y), phi(x)>
-        self.embed = (sn(nn.Embedding(config.num_classes, widths[4]), use_sn, config.init) if config.num_classes
+        features = widths[0] if config.arch == "resnet" else widths[4]
+        self.embed = (sn(nn.Embedding(config.num_classes, features), use_sn, config.init) if config.num_classes
                       else None)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
