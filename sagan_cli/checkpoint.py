@@ -167,3 +167,24 @@ def _check_tensor_shapes(path: str | Path, build, config: ModelConfig) -> None:
         raise UserError(f"{path}: its weights do not match its model config ({name}: {held.get(name, 'missing')} in "
                         f"the file, {wanted.get(name, 'not in the model')} in the config); the file is damaged or "
                         "not from sagan")
+
+
+def write_imported(out_dir: str | Path, models: list[tuple[str, nn.Module]], config: ModelConfig, *,
+                   source: str) -> list[Path]:
+    """An import's folder (`import-port`, `import-studiogan`): each model as a sagan checkpoint at step 0, and a
+    config.json with the model, so that `sagan report` reads the folder as a run."""
+    from sagan_cli.config import recipe_from_dict
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a folder")
+    written = []
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, model in models:
+            written.append(save_model(out_dir / name, model, step=0, recipe=source))
+        recipe = recipe_from_dict({"model": config.to_dict()}, name=source)
+        (out_dir / "config.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder") from None
+    return [*written, out_dir / "config.json"]

@@ -25,7 +25,6 @@ Nothing but `torch.load(weights_only=True)` reads the files; numpy scalars (D's 
 from __future__ import annotations
 
 import contextlib
-import json
 import pickle
 import re
 import warnings
@@ -35,8 +34,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from sagan_cli.checkpoint import check_model_sizes, save_model
-from sagan_cli.config import ModelConfig, recipe_from_dict
+from sagan_cli.checkpoint import check_model_sizes, write_imported
+from sagan_cli.config import ModelConfig
 from sagan_cli.errors import UserError
 from sagan_cli.models import Discriminator, Generator
 
@@ -373,16 +372,4 @@ def import_studiogan(g_path: str | Path | None, d_path: str | Path | None, out_d
         models.append(("g.safetensors", generator_from_studiogan(g_state, config)))
     if d_state is not None:
         models.append(("d.safetensors", discriminator_from_studiogan(d_state, config)))
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; give a folder")
-    written = []
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for name, model in models:
-            written.append(save_model(out_dir / name, model, step=0, recipe="import-studiogan"))
-        recipe = recipe_from_dict({"model": config.to_dict()}, name="import-studiogan")
-        (out_dir / "config.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
-    except OSError as exc:
-        raise UserError(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder") from None
-    return [*written, out_dir / "config.json"]
+    return write_imported(out_dir, models, config, source="import-studiogan")
