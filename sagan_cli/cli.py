@@ -337,6 +337,22 @@ def import_studiogan(
 
 
 @app.command(
+    "import-biggan",
+    epilog="Example: sagan import-biggan --g weights/138k/G_ema.pth --d weights/138k/D.pth --out runs/biggan128",
+)
+def import_biggan(
+    g: Annotated[Path | None, typer.Option("--g", help="BigGAN-PyTorch's generator state dict (G_ema.pth or G.pth).")] = None,
+    d: Annotated[Path | None, typer.Option("--d", help="BigGAN-PyTorch's discriminator state dict (D.pth, optional).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for g.safetensors, d.safetensors, config.json.")] = ...,
+) -> None:
+    """Convert ajbrock/BigGAN-PyTorch checkpoints (shared embedding, hierarchical z) into sagan checkpoints."""
+    from sagan_cli.biggan import import_biggan as convert
+
+    for path in convert(g, d, out):
+        print(f"wrote {path}")
+
+
+@app.command(
     epilog="Example: sagan interpolate --ckpt runs/quick/g.safetensors --seeds 0,5,9 --steps 10 --classes 0,3,7 "
     "--out interp/",
 )

@@ -63,6 +63,8 @@ class ModelConfig:
     d_widths: list[int] = field(default_factory=list)  # resnet: D widths, one per block ([]: from d_ch)
     d_block_sizes: list[int] = field(default_factory=list)  # resnet: D map size after each block ([]: R/2 .. 4, 4)
     d_shortcut_relu: bool = False  # resnet: D's residual shortcuts (not the first block's) see relu(x) (StudioGAN)
+    shared_embedding: int = 0  # resnet, conditional: one shared class embedding of this size; G's BN gain/bias are SN linears of it (BigGAN); 0: per-block tables
+    hierarchical_z: bool = False  # resnet, with shared_embedding: z split into equal chunks, the first to the stem, one per G block, fed to its BN linears (BigGAN)
 
     def g_sizes(self) -> list[int]:
         """Feature-map sizes after each generator block: where G attention may sit."""
@@ -76,6 +78,10 @@ class ModelConfig:
         if self.d_block_sizes:
             return list(self.d_block_sizes)
         return [2**i for i in range(int(math.log2(self.resolution)) - 1, 1, -1)]
+
+    def hierarchical_slots(self) -> int:
+        """Chunks of z with hierarchical_z: one for the stem, one per G block."""
+        return len(self.g_sizes()) + 1
 
     def default_d_block_sizes(self) -> list[int]:
         """The resnet D's blocks: one halving block per size R/2 .. 4, then one more at 4x4."""
@@ -211,7 +217,7 @@ def _require(condition: bool, key: str, message: str) -> None:
 # untrusted: num_classes = 10**11 once made `sagan sample` allocate until the machine was killed). Each is far
 # above any published GAN (BigGAN: 1,000 classes, z 120-128, width 96-128); resolution, channels and attention
 # sizes are limited to a few values below.
-MODEL_SIZE_LIMITS = {"num_classes": 100_000, "z_dim": 4096, "g_ch": 1024, "d_ch": 1024}
+MODEL_SIZE_LIMITS = {"num_classes": 100_000, "z_dim": 4096, "g_ch": 1024, "d_ch": 1024, "shared_embedding": 4096}
 
 
 def validate_model(model: ModelConfig) -> None:
@@ -232,6 +238,7 @@ def validate_model(model: ModelConfig) -> None:
         _require(getattr(model, key) % 8 == 0, f"model.{key}", "must be a multiple of 8 (attention uses C/8 channels)")
     _require(0 < model.bn_eps <= 0.1, "model.bn_eps", f"must be in (0, 0.1], got {model.bn_eps}")
     _validate_widths(model)
+    _validate_biggan(model)
     for key, allowed in (("g_attention", model.g_sizes()), ("d_attention", sorted(set(model.d_sizes()), reverse=True))):
         for size in getattr(model, key):
             _require(
@@ -240,6 +247,23 @@ def validate_model(model: ModelConfig) -> None:
                 f"has size {size}, but a {model.arch} model at resolution {model.resolution} "
                 f"has feature maps of sizes {allowed} there",
             )
+
+
+def _validate_biggan(model: ModelConfig) -> None:
+    """shared_embedding and hierarchical_z: a conditional resnet G; z split evenly over the stem and blocks."""
+    _require(model.shared_embedding >= 0, "model.shared_embedding", "must be >= 0 (0: per-block class tables)")
+    if model.shared_embedding:
+        _require(model.arch == "resnet", "model.shared_embedding",
+                 f"applies to the resnet arch only (model.arch is {model.arch!r}); leave it out")
+        _require(model.num_classes > 0, "model.shared_embedding",
+                 "needs a class-conditional model (model.num_classes > 0); leave it out or set num_classes")
+    if model.hierarchical_z:
+        _require(model.shared_embedding > 0, "model.hierarchical_z",
+                 "needs model.shared_embedding > 0 (the z chunks join the shared class embedding)")
+        slots = model.hierarchical_slots()
+        _require(model.z_dim % slots == 0, "model.hierarchical_z",
+                 f"splits z into {slots} equal chunks (the stem and {slots - 1} blocks at resolution "
+                 f"{model.resolution}): model.z_dim = {model.z_dim} must be a multiple of {slots} (BigGAN 128: 120)")
 
 
 def _validate_widths(model: ModelConfig) -> None:

@@ -65,7 +65,8 @@ def noise_path(seeds: Sequence[int], z_dim: int, steps: int, mode: str,
 @contextmanager
 def mixed_classes(generator: nn.Module, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> Iterator[None]:
     """While active, every class-conditional BatchNorm uses (1 - t) * E[a] + t * E[b] (per image) for its
-    gain and bias, whatever labels the forward pass is given."""
+    gain and bias, whatever labels the forward pass is given; with a shared class embedding (BigGAN) that
+    embedding is the one mixed."""
 
     def hook(module: nn.Embedding, _inputs, _output):
         table = module.weight
@@ -73,8 +74,11 @@ def mixed_classes(generator: nn.Module, a: torch.Tensor, b: torch.Tensor, t: tor
         return table[a.to(table.device)] * (1 - fraction) + table[b.to(table.device)] * fraction
 
     handles = []
+    shared = getattr(generator, "shared", None)
+    if shared is not None:  # BigGAN-style: mix the shared class embedding every block's BN reads
+        handles.append(shared.register_forward_hook(hook))
     for module in generator.modules():
-        if isinstance(module, ClassBatchNorm2d) and module.gain is not None:
+        if isinstance(module, ClassBatchNorm2d) and isinstance(module.gain, nn.Embedding):
             handles += [module.gain.register_forward_hook(hook), module.bias.register_forward_hook(hook)]
     try:
         yield

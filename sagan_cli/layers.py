@@ -271,12 +271,20 @@ class ClassBatchNorm2d(nn.Module):
     """BatchNorm whose gain and bias are looked up per class (conditional BatchNorm).
 
     With num_classes == 0 it is an ordinary affine BatchNorm and ignores the labels.
+    With cond_dim > 0 (BigGAN) the gain and bias are linear maps of a conditioning vector c (the shared class
+    embedding, with a chunk of z under hierarchical_z): h * (1 + gain(c)) + bias(c), spectrally normalised
+    when `use_sn`; forward then takes c in place of labels.
     """
 
-    def __init__(self, channels: int, num_classes: int = 0, eps: float = 1e-5):
+    def __init__(self, channels: int, num_classes: int = 0, eps: float = 1e-5, *, cond_dim: int = 0,
+                 use_sn: bool = True, init: str = "orthogonal"):
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels, eps=eps, affine=num_classes == 0)
-        if num_classes:
+        self.linear = cond_dim > 0
+        self.bn = nn.BatchNorm2d(channels, eps=eps, affine=num_classes == 0 and not self.linear)
+        if self.linear:
+            self.gain = sn(nn.Linear(cond_dim, channels, bias=False), use_sn, init)
+            self.bias = sn(nn.Linear(cond_dim, channels, bias=False), use_sn, init)
+        elif num_classes:
             self.gain = nn.Embedding(num_classes, channels)
             self.bias = nn.Embedding(num_classes, channels)
             nn.init.ones_(self.gain.weight)
@@ -288,6 +296,8 @@ class ClassBatchNorm2d(nn.Module):
         h = self.bn(x)
         if self.gain is None:
             return h
+        if self.linear:
+            return h * (1 + self.gain(y))[:, :, None, None] + self.bias(y)[:, :, None, None]
         return h * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
 
 
@@ -319,11 +329,12 @@ class DCGANDownBlock(nn.Module):
 class ResUpBlock(nn.Module):
     """BN-ReLU-up-conv3-BN-ReLU-conv3 plus an upsampled 1x1 shortcut (the paper's ImageNet G block)."""
 
-    def __init__(self, cin: int, cout: int, num_classes: int, use_sn: bool, init: str, *, eps: float = 1e-5):
+    def __init__(self, cin: int, cout: int, num_classes: int, use_sn: bool, init: str, *, eps: float = 1e-5,
+                 cond_dim: int = 0):
         super().__init__()
-        self.bn1 = ClassBatchNorm2d(cin, num_classes, eps)
+        self.bn1 = ClassBatchNorm2d(cin, num_classes, eps, cond_dim=cond_dim, use_sn=use_sn, init=init)
         self.conv1 = sn(nn.Conv2d(cin, cout, 3, padding=1), use_sn, init)
-        self.bn2 = ClassBatchNorm2d(cout, num_classes, eps)
+        self.bn2 = ClassBatchNorm2d(cout, num_classes, eps, cond_dim=cond_dim, use_sn=use_sn, init=init)
         self.conv2 = sn(nn.Conv2d(cout, cout, 3, padding=1), use_sn, init)
         self.shortcut = sn(nn.Conv2d(cin, cout, 1), use_sn, init)
 

@@ -24,6 +24,7 @@ from sagan_cli.layers import (
     ResDownBlock,
     ResUpBlock,
     SelfAttention,
+    init_weights,
     sn,
 )
 
@@ -62,6 +63,10 @@ class Generator(nn.Module):
                                                        config.g_spectral_norm)
         last_sn = use_sn and config.sn_last_layer
         sizes = config.g_sizes()
+        # BigGAN: one class embedding shared by every block (no spectral norm), z split over stem and blocks
+        self.shared = (init_weights(nn.Embedding(num_classes, config.shared_embedding), config.init)
+                       if config.shared_embedding else None)
+        self.z_chunk = config.z_dim // config.hierarchical_slots() if config.hierarchical_z else 0
         if config.arch == "dcgan":
             widths = {size: base_width * min(8, resolution // (2 * size)) for size in sizes}
             self.stem = None
@@ -75,8 +80,11 @@ class Generator(nn.Module):
             widths = {size: base_width * min(16, resolution // size) for size in [4, *sizes]}
             if config.g_widths:
                 widths = dict(zip([4, *sizes], config.g_widths, strict=True))
-            self.stem = sn(nn.Linear(config.z_dim, 4 * 4 * widths[4]), use_sn, config.init)
-            blocks = [ResUpBlock(widths[size // 2], widths[size], num_classes, use_sn, config.init, eps=config.bn_eps)
+            stem_z = self.z_chunk if config.hierarchical_z else config.z_dim
+            self.stem = sn(nn.Linear(stem_z, 4 * 4 * widths[4]), use_sn, config.init)
+            cond_dim = config.shared_embedding + (self.z_chunk if config.hierarchical_z else 0)
+            blocks = [ResUpBlock(widths[size // 2], widths[size], num_classes, use_sn, config.init, eps=config.bn_eps,
+                                 cond_dim=cond_dim)
                       for size in sizes]
             self.final_bn = ClassBatchNorm2d(widths[resolution], 0, eps=config.bn_eps)
             self.to_rgb = sn(nn.Conv2d(widths[resolution], config.channels, 3, padding=1), last_sn, config.init)
@@ -87,12 +95,19 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         _check_labels(y, self.config.num_classes)
+        conditions = [y] * len(self.blocks)
+        if self.shared is not None:  # BigGAN: each block's BN sees [shared(y), its z chunk]
+            embedded = self.shared(y)
+            conditions = [embedded] * len(self.blocks)
+            if self.z_chunk:
+                z, *chunks = torch.split(z, self.z_chunk, dim=1)
+                conditions = [torch.cat([embedded, chunk], 1) for chunk in chunks]
         if self.stem is None:
             h = z.view(z.shape[0], -1, 1, 1)
         else:
             h = self.stem(z).view(z.shape[0], self.stem_channels, 4, 4)
-        for block, attention in self.stages:
-            h = block(h, y)
+        for (block, attention), condition in zip(self.stages, conditions, strict=True):
+            h = block(h, condition)
             if attention is not None:
                 h = attention(h)
         if self.final_bn is not None:
