@@ -297,3 +297,47 @@ def test_commands_run_on_an_import(imported):
                   "--steps", "2", "--out", str(out / "i")]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, (args[0], result.output[-2000:])
+
+
+def test_a_32x32_layout_imports_with_its_own_widths(tmp_path):
+    """BigGAN's 32x32 arch (4 * ch everywhere) differs from sagan's width rule: it goes to model.g_widths."""
+    from sagan_cli.biggan import biggan_config, generator_from_biggan
+
+    state = biggan_g_state(ch=8, resolution=32, attention=16, dim_z=120)
+    config = biggan_config(state, None)
+    assert config.g_widths == [32] * 4 and config.z_dim == 120 and config.g_attention == [16]
+    g = generator_from_biggan(state, config)
+    z, y = torch.randn(2, 120), torch.tensor([0, 5])
+    with torch.no_grad():
+        assert (g(z, y).double() - reference_g(state, z, y)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda s: s.update({"blocks.0.0.conv1.weight": s["blocks.0.0.conv1.weight"][:, :, :1]}), "conv1.weight"),
+    (lambda s: s.update({"extra.weight": torch.ones(2)}), "no place"),
+    (lambda s: s.pop("blocks.1.0.bn2.stored_var"), "stored_var"),
+    (lambda s: s.update({"blocks.0.0.bn1.gain.weight": torch.ones(32, 3)}), "bn1.gain"),
+])
+def test_refusals_are_one_line(tmp_path, change, words):
+    from sagan_cli.biggan import import_biggan
+
+    state = biggan_g_state(ch=8, resolution=32, attention=16)
+    change(state)
+    torch.save(state, tmp_path / "G.pth")
+    with pytest.raises(UserError, match=words) as caught:
+        import_biggan(tmp_path / "G.pth", None, tmp_path / "out")
+    assert "\n" not in str(caught.value)
+
+
+def test_pickled_objects_and_missing_files_are_refused(tmp_path):
+    from sagan_cli.biggan import import_biggan
+
+    torch.save({"model": torch.ones(1), "step": object.__new__(Evil)}, tmp_path / "G.pth")
+    with pytest.raises(UserError, match="pickled objects"):
+        import_biggan(tmp_path / "G.pth", None, tmp_path / "out")
+    with pytest.raises(UserError, match="does not exist"):
+        import_biggan(None, tmp_path / "nope.pth", tmp_path / "out")
+
+
+class Evil:
+    pass
