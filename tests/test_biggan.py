@@ -341,3 +341,16 @@ def test_pickled_objects_and_missing_files_are_refused(tmp_path):
 
 class Evil:
     pass
+
+
+def test_the_recipe_is_the_imported_architecture(imported):
+    """recipes/biggan128.toml and an import of BigGAN 128's layout agree on every key but widths and class count."""
+    from pathlib import Path
+
+    from sagan_cli.checkpoint import read_info
+    from sagan_cli.config import load_recipe
+
+    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "biggan128.toml").model.to_dict()
+    config = read_info(imported["out"] / "g.safetensors").config.to_dict()
+    differ = {key for key in recipe if recipe[key] != config[key]}
+    assert differ <= {"num_classes", "g_ch", "d_ch", "shared_embedding", "init"}, differ
