@@ -12,7 +12,9 @@ What BigGAN-PyTorch saves (facts read from its BigGAN.py and layers.py; no code 
   without bias on [shared(y), z chunk] (gain 1 + ...), statistics in `stored_mean` / `stored_var`;
   `output_layer.0` (BN with `gain`, `bias`, stored stats), `output_layer.2` (conv to RGB). BN eps 1e-5.
   Discriminator: `blocks.I.0` = residual down blocks (conv1, conv2, conv_sc where the block pools or widens),
-  an out-of-place ReLU (the shortcut sees x), the last block keeps 4x4; `linear` (head), `embed` (projection).
+  an out-of-place ReLU (the shortcut sees x; its early code, with `--D_nl inplace_relu`, ReLU'd x in place, so
+  the shortcut saw relu(x): `d_shortcut_relu=True` imports such a D), the last block keeps 4x4; `linear` (head),
+  `embed` (projection).
 Nothing but `torch.load(weights_only=True)` reads the files.
 """
 
@@ -174,8 +176,8 @@ def _d_layout(state: dict) -> dict:
             "attention": [sizes[i] for i, after in enumerate(attention_after) if after]}
 
 
-def biggan_config(g_state: dict | None, d_state: dict | None) -> ModelConfig:
-    """sagan's ModelConfig for BigGAN-PyTorch's tensors."""
+def biggan_config(g_state: dict | None, d_state: dict | None, d_shortcut_relu: bool = False) -> ModelConfig:
+    """sagan's ModelConfig for BigGAN-PyTorch's tensors (`d_shortcut_relu`: a D from its early in-place ReLU code)."""
     g = _g_layout(g_state) if g_state is not None else None
     d = _d_layout(d_state) if d_state is not None else None
     if g and d and (g["resolution"], g["num_classes"]) != (d["resolution"], d["num_classes"]):
@@ -192,7 +194,7 @@ def biggan_config(g_state: dict | None, d_state: dict | None) -> ModelConfig:
         if g["widths"] != [g["widths"][-1] * min(16, resolution // size) for size in sizes]:
             values["g_widths"] = g["widths"]
     if d:
-        values.update(d_ch=d["widths"][0], d_attention=d["attention"])
+        values.update(d_ch=d["widths"][0], d_attention=d["attention"], d_shortcut_relu=d_shortcut_relu)
         if d["widths"] != [d["widths"][0] * min(16, resolution // (2 * size)) for size in d["sizes"]]:
             values["d_widths"] = d["widths"]
     try:
@@ -256,13 +258,14 @@ def discriminator_from_biggan(state: dict, config: ModelConfig) -> Discriminator
     return discriminator
 
 
-def import_biggan(g_path: str | Path | None, d_path: str | Path | None, out_dir: str | Path) -> list[Path]:
+def import_biggan(g_path: str | Path | None, d_path: str | Path | None, out_dir: str | Path, *,
+                  d_shortcut_relu: bool = False) -> list[Path]:
     """Convert BigGAN-PyTorch's G (and/or D) state dicts into OUT/g.safetensors, d.safetensors and config.json."""
     if g_path is None and d_path is None:
         raise UserError("give --g G_ema.pth (or G.pth) and/or --d D.pth")
     g_state = load_biggan_state(g_path, "--g") if g_path is not None else None
     d_state = load_biggan_state(d_path, "--d") if d_path is not None else None
-    config = biggan_config(g_state, d_state)
+    config = biggan_config(g_state, d_state, d_shortcut_relu)
     models = []
     if g_state is not None:
         models.append(("g.safetensors", generator_from_biggan(g_state, config)))

@@ -344,11 +344,14 @@ def import_biggan(
     g: Annotated[Path | None, typer.Option("--g", help="BigGAN-PyTorch's generator state dict (G_ema.pth or G.pth).")] = None,
     d: Annotated[Path | None, typer.Option("--d", help="BigGAN-PyTorch's discriminator state dict (D.pth, optional).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for g.safetensors, d.safetensors, config.json.")] = ...,
+    d_inplace_relu: Annotated[bool, typer.Option(
+        "--d-inplace-relu", help="D trained by BigGAN-PyTorch's early code with --D_nl inplace_relu (its shortcuts "
+        "saw relu(x)); the current code's out-of-place ReLU is the default.")] = False,
 ) -> None:
     """Convert ajbrock/BigGAN-PyTorch checkpoints (shared embedding, hierarchical z) into sagan checkpoints."""
     from sagan_cli.biggan import import_biggan as convert
 
-    for path in convert(g, d, out):
+    for path in convert(g, d, out, d_shortcut_relu=d_inplace_relu):
         print(f"wrote {path}")
 
 

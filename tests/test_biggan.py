@@ -207,8 +207,9 @@ def reference_g(state, z, y):
     return torch.tanh(_conv(state, "output_layer.2", F.relu(h), 1))
 
 
-def reference_d(state, x, y):
-    """BigGAN's D forward, written from its key names, in float64 (out-of-place ReLU; [B, 1] scores)."""
+def reference_d(state, x, y, inplace=False):
+    """BigGAN's D forward, written from its key names, in float64 ([B, 1] scores). Out-of-place ReLU, or (early
+    code with an in-place ReLU) the shortcut of every block after the first sees relu(x)."""
     count = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     h = x.double()
     for i in range(count):
@@ -218,7 +219,7 @@ def reference_d(state, x, y):
         out = _conv(state, f"{p}.conv2", F.relu(_conv(state, f"{p}.conv1", out, 1)), 1)
         if down:
             out = F.avg_pool2d(out, 2)
-        short = h
+        short = F.relu(h) if inplace and i > 0 else h
         if i == 0:  # no preactivation: pool, then the 1x1 conv
             short = _conv(state, f"{p}.conv_sc", F.avg_pool2d(short, 2))
         elif f"{p}.conv_sc.weight" in state:  # preactivation: the 1x1 conv, then pool
@@ -354,3 +355,16 @@ def test_the_recipe_is_the_imported_architecture(imported):
     config = read_info(imported["out"] / "g.safetensors").config.to_dict()
     differ = {key for key in recipe if recipe[key] != config[key]}
     assert differ <= {"num_classes", "g_ch", "d_ch", "shared_embedding", "init"}, differ
+
+
+def test_a_d_from_the_in_place_relu_code_imports_with_its_shortcuts(imported):
+    from sagan_cli.biggan import biggan_config, discriminator_from_biggan
+
+    config = biggan_config(None, imported["d"], d_shortcut_relu=True)
+    assert config.d_shortcut_relu
+    d = discriminator_from_biggan(imported["d"], config)
+    x, y = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(5)) * 2 - 1, torch.tensor([0, 3])
+    with torch.no_grad():
+        ours, inplace = d(x, y).double(), reference_d(imported["d"], x, y, inplace=True)[:, 0]
+    assert (ours - inplace).abs().max() / inplace.abs().max().clamp_min(1) <= 1e-4
+    assert (ours - reference_d(imported["d"], x, y)[:, 0]).abs().max() > 1e-3  # the two codes differ
