@@ -339,7 +339,8 @@ def test_pickle_beyond_plain_data_is_refused(tmp_path: Path):
 
 
 def test_commands_run_on_an_import(imported_cli: Path):
-    """sample, attn-map (D on a sample), report, interpolate --classes and export on an imported tiny model (CLI)."""
+    """sample, attn-map (D on a sample), report, interpolate --classes and export on an imported ImageNet 128 model
+    (StudioGAN's layout at tiny widths), through the CLI."""
     out = imported_cli
     for args in (["sample", "--ckpt", str(out / "g.safetensors"), "-n", "4", "--out", str(out / "s"), "--class", "3"],
                  ["attn-map", str(out / "s" / "000000.png"), "--ckpt", str(out / "d.safetensors"),
@@ -358,7 +359,7 @@ def test_commands_run_on_an_import(imported_cli: Path):
 @pytest.fixture(scope="module")
 def imported_cli(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
-    _save(root, "cifar10-onehot")
+    _save(root, "imagenet128-embed")  # the issue's case: StudioGAN's ImageNet 128 layout (tiny widths), 2020 cBN
     done = subprocess.run([sys.executable, "-m", "sagan_cli", "import-studiogan", "--g", str(root / "G.pth"),
                            "--d", str(root / "D.pth"), "--out", str(root / "out")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
