@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sagan_cli.checkpoint import check_model_sizes, write_imported
+from sagan_cli.checkpoint import check_model_sizes, plain_tensor_problem, write_imported
 from sagan_cli.config import ModelConfig
 from sagan_cli.errors import UserError
 from sagan_cli.models import Discriminator, Generator
@@ -60,6 +60,9 @@ def load_biggan_state(path: str | Path, option: str) -> dict[str, torch.Tensor]:
     empty = next((key for key, value in state.items() if value.numel() == 0), None)
     if empty is not None:
         raise UserError(f"{option} {path}: {empty} holds no numbers; not {EXPECTED[option]}")
+    problem = plain_tensor_problem(state)
+    if problem is not None:
+        raise UserError(f"{option} {path}: {problem}; not {EXPECTED[option]}")
     if all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
     return {key: value.detach() for key, value in state.items()}
@@ -80,6 +83,13 @@ class _Reader:
                             f"not {EXPECTED[self.option]}")
         self.used.add(key)
         return value.float()
+
+    def scalar(self, key: str) -> torch.Tensor:
+        value = self.get(key)
+        if value.numel() != 1:
+            raise UserError(f"{self.option}: {key} has shape {list(value.shape)}, expected one number: "
+                            f"not {EXPECTED[self.option]}")
+        return value.reshape(())
 
     def finish(self) -> None:
         left = sorted(set(self.state) - self.used - {key for key in self.state if key.endswith(".sv0")})
@@ -127,7 +137,7 @@ def _attention(reader: _Reader, layer, prefix: str, channels: int) -> None:
                                 ("out", "o", (channels, channels // 2, 1, 1))):
         _sn(reader, getattr(layer, ours), f"{prefix}.{theirs}", shape, bias=False)
     with torch.no_grad():
-        layer.gamma.copy_(reader.get(f"{prefix}.gamma").reshape(()))
+        layer.gamma.copy_(reader.scalar(f"{prefix}.gamma"))
 
 
 def _stats(reader: _Reader, bn, prefix: str, channels: int) -> None:

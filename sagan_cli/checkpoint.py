@@ -188,3 +188,14 @@ def write_imported(out_dir: str | Path, models: list[tuple[str, nn.Module]], con
     except OSError as exc:
         raise UserError(f"cannot write to --out {out_dir} ({exc.strerror or exc}); choose a writable folder") from None
     return [*written, out_dir / "config.json"]
+
+
+def plain_tensor_problem(state: dict[str, torch.Tensor]) -> str | None:
+    """What makes an untrusted state dict's tensors other than plain dense numbers, or None. A tensor whose storage
+    is smaller than its shape (expanded, stride 0) could make a tiny file describe a model of tens of GB."""
+    for key, value in state.items():
+        if value.layout != torch.strided or value.is_quantized or value.is_complex():
+            return f"{key} is not a plain dense real tensor"
+        if value.numel() and value.untyped_storage().nbytes() < value.numel() * value.element_size():
+            return f"{key} holds fewer numbers than its shape {list(value.shape)} says (an expanded tensor)"
+    return None

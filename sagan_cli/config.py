@@ -281,9 +281,11 @@ def _validate_widths(model: ModelConfig) -> None:
     if sizes:
         ok = sizes[0] in (model.resolution, model.resolution // 2) and sizes[-1] >= 4 and all(
             b in (a, a // 2) for a, b in zip([model.resolution, *sizes], sizes, strict=False))
+        longest = model.resolution.bit_length() + 2  # every halving, plus a few blocks that keep the size
+        ok = ok and len(sizes) <= longest
         _require(ok and len(sizes) >= 2 and sizes[0] == model.resolution // 2, "model.d_block_sizes",
                  f"must start at {model.resolution // 2} (the first block halves), keep or halve the size at each "
-                 f"block and end at 4 or more, got {sizes}")
+                 f"block and end at 4 or more, in at most {longest} blocks, got {sizes}")
     blocks = len(sizes or model.default_d_block_sizes())
     _require(not model.d_widths or len(model.d_widths) == blocks, "model.d_widths",
              f"must list {blocks} widths (one per D block), got {len(model.d_widths)}")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from sagan_cli.checkpoint import check_model_sizes, write_imported
+from sagan_cli.checkpoint import check_model_sizes, plain_tensor_problem, write_imported
 from sagan_cli.config import ModelConfig
 from sagan_cli.errors import UserError
 from sagan_cli.models import Discriminator, Generator
@@ -87,6 +87,9 @@ def load_studiogan_state(path: str | Path, option: str) -> dict[str, torch.Tenso
     if empty is not None:  # a 0-element tensor could claim any width: no model has one
         raise UserError(f"{option} {path}: {empty} holds no numbers (shape {list(state[empty].shape)}); "
                         f"not {EXPECTED[option]}")
+    problem = plain_tensor_problem(state)
+    if problem is not None:
+        raise UserError(f"{option} {path}: {problem}; not {EXPECTED[option]}")
     if all(key.startswith("module.") for key in state):  # saved from DataParallel / DistributedDataParallel
         state = {key[len("module."):]: value for key, value in state.items()}
     return {key: value.detach() for key, value in state.items()}
@@ -110,6 +113,13 @@ class _Reader:
                             f"not {EXPECTED[self.option]}")
         self.used.add(key)
         return value.float() if value.is_floating_point() else value
+
+    def scalar(self, key: str) -> torch.Tensor:
+        value = self.get(key)
+        if value.numel() != 1:
+            raise UserError(f"{self.option}: {key} has shape {list(value.shape)}, expected one number: "
+                            f"not {EXPECTED[self.option]}")
+        return value.reshape(())
 
     def finish(self) -> None:
         left = sorted(set(self.state) - self.used)
@@ -151,9 +161,20 @@ def _config_file(path: str | Path | None) -> dict:
         raise UserError(f"--config {path} is not a StudioGAN config (DATA:, MODEL: tables)")
     if model.get("backbone", "resnet") != "resnet":
         raise UserError(f"--config {path} uses backbone {model['backbone']!r}; only StudioGAN's resnet SAGAN imports")
-    return {"img_size": data.get("img_size"), "num_classes": data.get("num_classes"),
-            "attn_g_loc": model.get("attn_g_loc"), "attn_d_loc": model.get("attn_d_loc"),
-            "apply_attn": model.get("apply_attn", True)}
+    facts = {"img_size": data.get("img_size"), "num_classes": data.get("num_classes"),
+             "attn_g_loc": model.get("attn_g_loc"), "attn_d_loc": model.get("attn_d_loc"),
+             "apply_attn": model.get("apply_attn", True)}
+
+    def number(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    for key in ("img_size", "num_classes"):
+        if facts[key] is not None and not number(facts[key]):
+            raise UserError(f"--config {path}: {key} must be a whole number, got {facts[key]!r}")
+    for key in ("attn_g_loc", "attn_d_loc"):
+        if facts[key] is not None and not (isinstance(facts[key], list) and all(map(number, facts[key]))):
+            raise UserError(f"--config {path}: {key} must be a list of block numbers, got {facts[key]!r}")
+    return facts
 
 
 def _sn(reader: _Reader, module, prefix: str, shape: tuple[int, ...], bias: bool) -> None:
@@ -192,7 +213,7 @@ def _batch_norm(reader: _Reader, bn, prefix: str, channels: int, affine: bool) -
         for key in ("running_mean", "running_var", *(("weight", "bias") if affine else ())):
             getattr(bn, key).copy_(reader.get(f"{prefix}.{key}", (channels,)))
         if reader.has(f"{prefix}.num_batches_tracked"):
-            bn.num_batches_tracked.copy_(reader.get(f"{prefix}.num_batches_tracked").reshape(()))
+            bn.num_batches_tracked.copy_(reader.scalar(f"{prefix}.num_batches_tracked"))
 
 
 def _class_batch_norm(reader: _Reader, layer, prefix: str, channels: int, num_classes: int) -> None:
