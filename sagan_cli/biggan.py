@@ -32,6 +32,7 @@ from sagan_cli.checkpoint import check_model_sizes, plain_tensor_problem, write_
 from sagan_cli.config import ModelConfig
 from sagan_cli.errors import UserError
 from sagan_cli.models import Discriminator, Generator
+from sagan_cli.state_reader import StateReader, tensor_shape
 
 EXPECTED = {"--g": "BigGAN-PyTorch's generator state dict (G.pth or G_ema.pth: shared.weight, linear.*, blocks.*, "
                    "output_layer.*)",
@@ -68,41 +69,13 @@ def load_biggan_state(path: str | Path, option: str) -> dict[str, torch.Tensor]:
     return {key: value.detach() for key, value in state.items()}
 
 
-class _Reader:
-    """Takes tensors from one state dict by name, checking shapes; names what is missing or left over."""
-
+class _Reader(StateReader):
     def __init__(self, state: dict[str, torch.Tensor], option: str):
-        self.state, self.option, self.used = state, option, set()
-
-    def get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        if key not in self.state:
-            raise UserError(f"{self.option} is not {EXPECTED[self.option]}: it has no {key!r}")
-        value = self.state[key]
-        if shape is not None and tuple(value.shape) != tuple(shape):
-            raise UserError(f"{self.option}: {key} has shape {list(value.shape)}, expected {list(shape)}: "
-                            f"not {EXPECTED[self.option]}")
-        self.used.add(key)
-        return value.float()
-
-    def scalar(self, key: str) -> torch.Tensor:
-        value = self.get(key)
-        if value.numel() != 1:
-            raise UserError(f"{self.option}: {key} has shape {list(value.shape)}, expected one number: "
-                            f"not {EXPECTED[self.option]}")
-        return value.reshape(())
-
-    def finish(self) -> None:
-        left = sorted(set(self.state) - self.used - {key for key in self.state if key.endswith(".sv0")})
-        if left:
-            raise UserError(f"{self.option} has {len(left)} tensors sagan's model has no place for (first: "
-                            f"{left[0]!r}); it is not {EXPECTED[self.option]}")
+        super().__init__(state, option, EXPECTED[option], as_float=True, ignored=(".sv0",))
 
 
 def _shape(state: dict, key: str, ndim: int, option: str) -> tuple[int, ...]:
-    if key not in state or state[key].ndim != ndim:
-        found = f"shape {list(state[key].shape)}" if key in state else "nothing"
-        raise UserError(f"{option} is not {EXPECTED[option]}: {key!r} should be a {ndim}-d tensor, found {found}")
-    return tuple(int(size) for size in state[key].shape)
+    return tensor_shape(state, key, ndim, option, EXPECTED[option])
 
 
 def _blocks(state: dict) -> list[bool]:

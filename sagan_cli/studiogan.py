@@ -38,6 +38,7 @@ from sagan_cli.checkpoint import check_model_sizes, plain_tensor_problem, write_
 from sagan_cli.config import ModelConfig
 from sagan_cli.errors import UserError
 from sagan_cli.models import Discriminator, Generator
+from sagan_cli.state_reader import StateReader, tensor_shape
 
 BN_EPS = 1e-4
 EXPECTED = {"--g": "StudioGAN's SAGAN generator (a dict with 'state_dict' holding linear0.weight_orig, blocks.*, "
@@ -95,45 +96,13 @@ def load_studiogan_state(path: str | Path, option: str) -> dict[str, torch.Tenso
     return {key: value.detach() for key, value in state.items()}
 
 
-class _Reader:
-    """Takes tensors from one state dict by name, checking shapes; names what is missing or left over."""
-
+class _Reader(StateReader):
     def __init__(self, state: dict[str, torch.Tensor], option: str):
-        self.state, self.option, self.used = state, option, set()
-
-    def has(self, key: str) -> bool:
-        return key in self.state
-
-    def get(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        if key not in self.state:
-            raise UserError(f"{self.option} is not {EXPECTED[self.option]}: it has no {key!r}")
-        value = self.state[key]
-        if shape is not None and tuple(value.shape) != tuple(shape):
-            raise UserError(f"{self.option}: {key} has shape {list(value.shape)}, expected {list(shape)}: "
-                            f"not {EXPECTED[self.option]}")
-        self.used.add(key)
-        return value.float() if value.is_floating_point() else value
-
-    def scalar(self, key: str) -> torch.Tensor:
-        value = self.get(key)
-        if value.numel() != 1:
-            raise UserError(f"{self.option}: {key} has shape {list(value.shape)}, expected one number: "
-                            f"not {EXPECTED[self.option]}")
-        return value.reshape(())
-
-    def finish(self) -> None:
-        left = sorted(set(self.state) - self.used)
-        if left:
-            raise UserError(f"{self.option} has {len(left)} tensors sagan's model has no place for (first: {left[0]!r}); "
-                            f"it is not {EXPECTED[self.option]} (only the resnet SAGAN configs import)")
+        super().__init__(state, option, EXPECTED[option], hint=" (only the resnet SAGAN configs import)")
 
 
 def _shape(state: dict, key: str, ndim: int, option: str) -> tuple[int, ...]:
-    """The shape of a tensor the layout needs, or a one-line refusal naming it."""
-    if key not in state or state[key].ndim != ndim:
-        found = f"shape {list(state[key].shape)}" if key in state else "nothing"
-        raise UserError(f"{option} is not {EXPECTED[option]}: {key!r} should be a {ndim}-d tensor, found {found}")
-    return tuple(int(size) for size in state[key].shape)
+    return tensor_shape(state, key, ndim, option, EXPECTED[option])
 
 
 def _blocks(state: dict, prefix: str = "blocks") -> list[str]:
