@@ -225,7 +225,7 @@ app.add_typer(classifier_app, name="classifier")
     epilog="Example: sagan classifier train recipes/fashion-mnist.toml --out classifiers/fashion-mnist.safetensors",
 )
 def classifier_train(
-    recipe: Annotated[Path, typer.Argument(help="TOML recipe: its [data] and model.resolution, model.num_classes.",
+    recipe: Annotated[Path, typer.Argument(help="TOML recipe: its \\[data] table and model.resolution, model.num_classes.",
                                            show_default=False)],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output file. \\[default: classifiers/RECIPE_NAME.safetensors]")] = None,
     overrides: OverridesOption = None,
