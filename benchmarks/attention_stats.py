@@ -1,13 +1,14 @@
 """What the attention distance/entropy probe costs, and that it changes nothing: the same training run
 twice in one process, without and with the probe at every log step.
 
-    python benchmarks/attention_stats.py                         # recipes/quickstart.toml, 3 log windows
+    python benchmarks/attention_stats.py                         # recipes/quickstart.toml, 3 windows of 50 steps
+    python benchmarks/attention_stats.py --windows 2 --window 10 # quicker: 2 windows of 10 steps per run
     python benchmarks/attention_stats.py --recipe recipes/cifar10.toml --windows 2 --device cuda
 
 Each run builds G, D, Adam and the phases as `run_training` does (`build_nets`, `make_phases`, the real
-`Data` and `Noise`, the recipe's seed) and runs `--windows` windows of `train.log_every` steps with
-`train_step`; the probing run also calls `AttentionProbe.measure()` after each window, as `TrainingLog`
-does at each log line. cost = probe time / (log_every x median step time): the share of a log window
+`Data` and `Noise`, the recipe's seed) and runs `--windows` windows of `--window` steps (default train.log_every)
+with `train_step`; the probing run also calls `AttentionProbe.measure()` after each window, as `TrainingLog`
+does at each log line. cost = probe time / (train.log_every x median step time): the share of a log window
 the probe adds. The probe's first call (it also reads the fixed dataset images) is shown apart.
 Identical: both runs end with bit-equal G and D (parameters and buffers) and the same global RNG state.
 The EMA update is left out (it reads G, and the probe writes nothing G holds).
@@ -27,7 +28,7 @@ from common import load, sync  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(recipe, device: str, windows: int, probe: bool) -> dict:
+def run(recipe, device: str, windows: int, window: int, probe: bool) -> dict:
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -52,10 +53,10 @@ def run(recipe, device: str, windows: int, probe: bool) -> dict:
     step_times, probe_times, logged = [], [], {}
     for _ in range(windows):
         start = time.perf_counter()
-        for _ in range(train.log_every):
+        for _ in range(window):
             train_step(phases, data, noise, d_steps=train.d_steps, reuse_fakes=train.reuse_fakes)
         sync(device)
-        step_times.append((time.perf_counter() - start) / train.log_every)
+        step_times.append((time.perf_counter() - start) / window)
         if attention is not None:
             start = time.perf_counter()
             logged = attention.measure()
@@ -71,6 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.toml"))
     parser.add_argument("--windows", type=int, default=3, help="log windows per run")
+    parser.add_argument("--window", type=int, default=0, help="steps per window (default: train.log_every)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", action="append", default=[], help="recipe override table.key=value")
     args = parser.parse_args()
@@ -80,22 +82,23 @@ def main() -> None:
     from sagan_cli.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    plain = run(recipe, args.device, args.windows, probe=False)
-    probed = run(recipe, args.device, args.windows, probe=True)
     log_every = recipe.train.log_every
+    window = args.window or log_every
+    plain = run(recipe, args.device, args.windows, window, probe=False)
+    probed = run(recipe, args.device, args.windows, window, probe=True)
     step_plain, step_probed = statistics.median(plain["step_times"]), statistics.median(probed["step_times"])
     probe_s = statistics.median(probed["probe_times"][1:] or probed["probe_times"])
     identical = plain["state"].keys() == probed["state"].keys() and all(
         torch.equal(plain["state"][k], probed["state"][k]) for k in plain["state"])
     same_rng = all((a is None and b is None) or torch.equal(a, b) for a, b in zip(plain["rng"], probed["rng"], strict=True))
     print(f"{recipe.name}: {args.device}, batch {recipe.train.batch_size}, log_every {log_every}, "
-          f"{args.windows} windows per run, load {load():.1f}")
+          f"{args.windows} windows of {window} steps per run, load {load():.1f}")
     print("| run | median s/step | probe s (first call) | probe / log window |")
     print("| --- | --- | --- | --- |")
     print(f"| without probe | {step_plain:.4f} | - | - |")
     print(f"| with probe | {step_probed:.4f} | {probe_s:.4f} ({probed['probe_times'][0]:.4f}) | "
           f"{100 * probe_s / (log_every * step_probed):.2f}% |")
-    print(f"identical G and D after {args.windows * log_every} steps: {identical}; same global RNG state: {same_rng}")
+    print(f"identical G and D after {args.windows * window} steps: {identical}; same global RNG state: {same_rng}")
     for key, values in probed["logged"].items():
         print(f"{key}: " + ", ".join(f"{name} {value:.3f}" for name, value in values.items()))
 

@@ -132,20 +132,22 @@ def curve_panels(log: RunLog) -> list[dict]:
             steps, values = log.series[name]
             ax.plot(steps, values, label=name, linewidth=1.2, marker="o" if len(steps) < 20 else None, markersize=3)
         if group.reference in log.series:
-            ax.axhline(log.series[group.reference][1][-1], color="0.45", linestyle="--", linewidth=1.2,
-                       label="uniform attention")
-            ax.set_ylim(bottom=0)  # from 0 (looks only at itself) to the uniform line (looks everywhere alike)
+            uniform = log.series[group.reference][1][-1]
+            ax.axhline(uniform, color="0.45", linestyle="--", linewidth=1.2, label=f"uniform attention ({uniform:.3g})")
+            # from 0 (looks only at the query itself) to above the uniform line (looks everywhere alike)
+            ax.set_ylim(0, 1.12 * max(uniform, *(max(log.series[name][1]) for name in group.names)))
         ax.set_title(group.title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel(group.ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         if len(group.names) > 1 or group.reference in log.series:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="lower right" if group.reference in log.series else "best")
         buf = io.BytesIO()
         fig.savefig(buf, format="svg", metadata={"Date": None})
         uri = "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-        panels.append({"title": group.title, "uri": uri, "series": group.names + ([group.reference] if group.reference in log.series else [])})
+        drawn = group.names + ([group.reference] if group.reference in log.series else [])
+        panels.append({"title": group.title, "uri": uri, "series": drawn})
     return panels
 
 
