@@ -9,8 +9,7 @@ resized and center-cropped to the model's resolution, or the generated image.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import nn
 
+from sagan_cli.attention_stats import captured_inputs
 from sagan_cli.errors import UserError
 from sagan_cli.layers import SelfAttention
 from sagan_cli.models import Discriminator, Generator, attention_layers
@@ -77,21 +77,6 @@ def select_layers(model: nn.Module, names: Sequence[str] | None) -> dict[str, Se
     if unknown:
         raise UserError(f"no attention layer named {unknown[0]!r}; this model has {', '.join(layers)}")
     return {n: layers[n] for n in names}
-
-
-@contextmanager
-def captured_inputs(layers: dict[str, SelfAttention]) -> Iterator[dict[str, torch.Tensor]]:
-    """Record each layer's input during a forward pass (forward pre-hooks; forward is unchanged)."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = [
-        layer.register_forward_pre_hook(lambda _layer, args, name=name: seen.__setitem__(name, args[0]))
-        for name, layer in layers.items()
-    ]
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def layer_attention(

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as ProgressBar
 
+from sagan_cli.attention_stats import AttentionProbe
 from sagan_cli.checkpoint import atomic_write, save_model
 from sagan_cli.config import Recipe
 from sagan_cli.models import gammas
@@ -35,8 +36,9 @@ class TrainingLog:
     """
 
     def __init__(self, run_dir: Path, accelerator: Accelerator, console: Console, *, total: int, start: int,
-                 tensorboard: bool):
+                 tensorboard: bool, attention: AttentionProbe | None = None):
         self.main, self.accelerator, self.tensorboard = accelerator.is_main_process, accelerator, tensorboard
+        self.attention = attention if self.main else None  # the probe runs where the line is written
         self.file = (run_dir / "metrics.jsonl").open("a") if self.main else None
         self.bar = ProgressBar(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -76,7 +78,8 @@ class TrainingLog:
         self.bar.update(self.task, completed=step)
 
     def write_step(self, step: int, d_stats: DStats, g_stats: GStats, nets: Nets) -> None:
-        """One log line (waits for the device): losses, D's outputs, img/s since the last line, lr, gammas."""
+        """One log line (waits for the device): losses, D's outputs, img/s since the last line, lr, gammas, and
+        each attention layer's distance and entropy (attention_stats.py; rank 0 only, timed outside img/s)."""
         now = time.perf_counter()
         img_per_s = self.window_images / max(now - self.window_start, 1e-9)
         self.window_start, self.window_images = now, 0
@@ -86,7 +89,9 @@ class TrainingLog:
             "img_per_s": img_per_s, "lr_g": nets.opt_g.param_groups[0]["lr"], "lr_d": nets.opt_d.param_groups[0]["lr"],
             "gamma": {**{f"g.{name}": value for name, value in gammas(nets.raw_g).items()},
                       **{f"d.{name}": value for name, value in gammas(nets.raw_d).items()}},
+            **(self.attention.measure() if self.attention is not None else {}),
         })
+        self.window_start = time.perf_counter()  # the probe's time is not training time
         self.bar.update(self.task, completed=step, info=f"D {loss_d:.3f}  G {loss_g:.3f}  {img_per_s:.0f} img/s")
 
 

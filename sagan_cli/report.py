@@ -86,38 +86,68 @@ PANELS = (  # title, series chosen by prefix or name, y label
 )
 
 
+ATTENTION_PANELS = (  # metrics.jsonl key, its uniform-attention reference, title, y label
+    ("attn_distance", "attn_distance_uniform", "Attention distance", "mean distance (map pixels)"),
+    ("attn_entropy", "attn_entropy_uniform", "Attention entropy", "entropy (nats)"),
+)
+
+
+@dataclass
+class Panel:
+    title: str
+    names: list[str]  # the series drawn
+    ylabel: str
+    reference: str | None = None  # a series drawn as a flat dashed line: what uniform attention gives
+
+
+def _attention_panels(log: RunLog) -> list[Panel]:
+    """Per attention layer: its distance and its entropy over steps, beside uniform attention's on that map."""
+    layers = sorted({name.split("/", 1)[1] for name in log.series if name.startswith("attn_distance/")})
+    return [Panel(f"{title}: {layer}", [f"{key}/{layer}"], ylabel, f"{reference}/{layer}")
+            for layer in layers for key, reference, title, ylabel in ATTENTION_PANELS
+            if f"{key}/{layer}" in log.series]
+
+
 def curve_panels(log: RunLog) -> list[dict]:
     """One SVG per panel (eval and structure scores: one panel per score, they live on different scales)."""
     from matplotlib.figure import Figure
 
-    groups: list[tuple[str, list[str], str]] = []
+    groups: list[Panel] = []
     for title, keys, ylabel in PANELS:
         names = [name for name in log.series
                  if any(name == key or (key.endswith("/") and name.startswith(key)) for key in keys)]
-        groups.append((title, sorted(names), ylabel))
+        groups.append(Panel(title, sorted(names), ylabel))
+        if title == "Attention gamma":
+            groups += _attention_panels(log)
     for prefix, title in (("eval/", "Evaluation"), ("structure/", "Structure")):
         for name in sorted(series_name for series_name in log.series if series_name.startswith(prefix)):
-            groups.append((f"{title}: {name[len(prefix):]}", [name], name[len(prefix):]))
+            groups.append(Panel(f"{title}: {name[len(prefix):]}", [name], name[len(prefix):]))
     panels = []
-    for title, names, ylabel in groups:
-        if not names:
+    for group in groups:
+        if not group.names:
             continue
         fig = Figure(figsize=(4.6, 2.8), layout="constrained")
         ax = fig.subplots()
-        for name in names:
+        for name in group.names:
             steps, values = log.series[name]
             ax.plot(steps, values, label=name, linewidth=1.2, marker="o" if len(steps) < 20 else None, markersize=3)
-        ax.set_title(title, fontsize=10)
+        if group.reference in log.series:
+            uniform = log.series[group.reference][1][-1]
+            ax.axhline(uniform, color="0.45", linestyle="--", linewidth=1.2, label=f"uniform attention ({uniform:.3g})")
+            # from 0 (looks only at the query itself) to above the uniform line (looks everywhere alike)
+            ax.set_ylim(0, 1.12 * max(uniform, *(max(log.series[name][1]) for name in group.names)))
+        ax.set_title(group.title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_ylabel(group.ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        if len(names) > 1:
-            ax.legend(fontsize=7)
+        if len(group.names) > 1 or group.reference in log.series:
+            ax.legend(fontsize=7, loc="lower right" if group.reference in log.series else "best")
         buf = io.BytesIO()
         fig.savefig(buf, format="svg", metadata={"Date": None})
         uri = "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-        panels.append({"title": title, "uri": uri, "series": names})
+        drawn = group.names + ([group.reference] if group.reference in log.series else [])
+        panels.append({"title": group.title, "uri": uri, "series": drawn})
     return panels
 
 

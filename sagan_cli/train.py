@@ -22,6 +22,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from rich.console import Console
 
+from sagan_cli.attention_stats import AttentionProbe
 from sagan_cli.batches import Data, Noise
 from sagan_cli.checkpointer import Checkpointer, SkipStreak
 from sagan_cli.config import Recipe
@@ -93,7 +94,7 @@ def run_training(recipe: Recipe, run_dir: Path, *, resume: bool = False, console
     data, noise = Data(recipe, dataset, accelerator, progress.batches), Noise(recipe, accelerator.device)
     guard, streak = BatchNormGuard(nets.raw_g), SkipStreak(recipe, run_dir, accelerator.device)
     log = TrainingLog(run_dir, accelerator, console, total=train.steps, start=progress.step,
-                      tensorboard=train.tensorboard)
+                      tensorboard=train.tensorboard, attention=AttentionProbe(recipe, nets.raw_g, nets.raw_d, dataset))
     monitor = Monitor(recipe, run_dir, nets, log, accelerator)
 
     def due(every: int) -> bool:  # every `every` steps, and at the last step

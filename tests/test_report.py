@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -73,6 +74,24 @@ def test_page_is_self_contained_and_holds_every_part(page: Path, run_dir: Path):
     rows = base64.b64decode(g_layer["rows"])
     assert len(rows) == 256 * 256 and len(g_layer["peak"]) == 256
     assert max(rows[:256]) == 255  # each row scaled to its own maximum
+
+
+def test_attention_distance_and_entropy_are_logged_and_drawn(page: Path, run_dir: Path):
+    """Each log line holds every attention layer's distance and entropy (keyed as gamma); the page draws them."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [line for line in lines if "loss_d" in line]
+    assert [line["step"] for line in logged] == [1, 2]
+    for line in logged:
+        for key in ("attn_distance", "attn_entropy", "attn_distance_uniform", "attn_entropy_uniform"):
+            assert set(line[key]) == set(line["gamma"]) == {"g.attention.16", "d.attention.8"}, key
+        assert line["attn_entropy_uniform"] == pytest.approx({"g.attention.16": math.log(256),
+                                                              "d.attention.8": math.log(64)})
+        assert 0 < line["attn_distance"]["g.attention.16"] <= 16 * math.sqrt(2)
+    html = page.read_text()
+    for layer in ("g.attention.16", "d.attention.8"):
+        for title, key in (("Attention distance", "attn_distance"), ("Attention entropy", "attn_entropy")):
+            assert f'alt="{title}: {layer}: {key}/{layer}, {key}_uniform/{layer}"' in html
+    assert html.index('alt="Attention gamma') < html.index('alt="Attention distance') < html.index('alt="Throughput')
 
 
 def test_rows_match_the_models_attention(run_dir: Path):
@@ -192,6 +211,11 @@ def test_page_in_a_real_browser(page: Path, tmp_path: Path):
         browser.execute_script("const s = document.getElementById('grid-slider'); s.value = 0;"
                                "s.dispatchEvent(new Event('input'));")
         assert browser.find_element(By.ID, "grid-step").text == "step 0"
+        # the attention distance and entropy panels: one image per layer and statistic, drawn
+        panels = browser.find_elements(By.CSS_SELECTOR, 'img[alt^="Attention distance"], img[alt^="Attention entropy"]')
+        assert len(panels) == 4
+        assert all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 300", img)
+                   for img in panels)
         shot = tmp_path / "report.png"
         browser.save_screenshot(str(shot))
         errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
