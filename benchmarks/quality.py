@@ -231,7 +231,8 @@ def shown_metrics(metrics: list[str]) -> list[str]:
     return [key for metric in metrics for key in METRIC_KEYS.get(metric, (metric,))]
 
 
-def ensure_classifier(path: Path, recipe: Path, overrides: list[str], epochs: int | None, log: Path) -> dict:
+def ensure_classifier(path: Path, recipe: Path, overrides: list[str], epochs: int | None, log: Path,
+                      device: str | None = None) -> dict:
     """Train the classifier once (test images: the recipe's test split where it has one); return its metadata."""
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,6 +243,8 @@ def ensure_classifier(path: Path, recipe: Path, overrides: list[str], epochs: in
             cmd += ["--test-set", "data.split=test"]
         if epochs is not None:
             cmd += ["--epochs", str(epochs)]
+        if device:
+            cmd += ["--device", device]
         run_logged(cmd, log, child_env(None))
     from sagan_cli.classifier import load_classifier
 
@@ -284,7 +287,8 @@ def table(measurement: Measurement, results: list[RunResult], classifier: dict |
     if classifier:
         lines.append(f"- classifier: {classifier['path']} (test accuracy {classifier['test_accuracy']:.1%}, "
                      f"sha256 {classifier['weights_sha256'][:12]})")
-    lines.append(f"- measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load = 1-minute load average")
+    lines.append(f"- measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load = 1-minute load average; "
+                 "std = sample standard deviation (n - 1)")
     lines += ["", "| variant | seed | " + " | ".join(keys) + " | train s | eval s | load start/mean/end |",
               "|" + " --- |" * (len(keys) + 5)]
     for result in results:
@@ -328,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for every run (repeatable)")
     parser.add_argument("--variant", action="append", default=[], metavar="'NAME[: KEY=VALUE ...]'",
-                        help="a named set of overrides (repeatable); default: one variant, 'recipe'")
+                        help="a named set of overrides, separated by spaces (none inside a value: [16,8]) (repeatable); "
+                             "default: one variant, 'recipe'")
     parser.add_argument("--out", type=Path, help="default: runs/quality-RECIPE_NAME")
     parser.add_argument("--samples", type=int, default=10000, help="generated images scored per run (sagan eval -n)")
     parser.add_argument("--metrics", help="sagan eval metrics (default: those that apply to the recipe)")
@@ -351,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         classifier = None
         if any(m.startswith("classifier_") or m == "gan_test" for m in metrics):
             classifier = ensure_classifier(args.classifier or out / "classifier.safetensors", args.recipe,
-                                           args.overrides, args.classifier_epochs, out / "classifier.log")
+                                           args.overrides, args.classifier_epochs, out / "classifier.log", args.device)
         threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
         measurement = Measurement(str(args.recipe), args.overrides, args.samples, metrics,
                                   classifier and classifier["path"], args.jobs, threads, args.device)
