@@ -1,0 +1,377 @@
+"""Multi-seed quality: train a recipe once per seed (and per variant), score each final generator, tabulate.
+
+    python benchmarks/quality.py recipes/fashion-mnist.toml --seeds 0 1 2 --out runs/quality-fmnist \\
+        --variant attn --variant "no-attn: model.g_attention=[] model.d_attention=[]"
+
+Each (variant, seed) run is `sagan train RECIPE --out OUT/VARIANT/seed-S --set train.seed=S ...` in a
+subprocess (what a user gets), timed, with the 1-minute load average at its start and end and its mean
+sampled every few seconds while it runs; then `sagan eval` scores its final g.safetensors. One seed is
+noise: a difference between variants means something only next to the spread between seeds.
+
+The metrics follow the recipe unless --metrics says otherwise: with labelled data (model.num_classes
+>= 2) classifier_fid and gan_test, with a classifier (`--classifier FILE`, or trained once into
+OUT/classifier.safetensors); on the built-in synthetic data also the structure score. Runs that are
+already finished (final step reached, eval JSON saved with the same settings) are not redone, so an
+interrupted measurement continues where it stopped; an interrupted training resumes from its state/.
+Per-run results: OUT/VARIANT/seed-S.json; the table: stdout and OUT/table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sagan_cli.checkpoint import read_info
+from sagan_cli.config import load_recipe
+from sagan_cli.errors import UserError
+
+SAGAN = [sys.executable, "-m", "sagan_cli"]
+LOAD_SAMPLE_SECONDS = 5.0
+EVAL_FILE = "eval-quality.json"
+METRIC_KEYS = {"classifier_fid": ("classifier_fid",), "classifier_kid": ("classifier_kid_mean",),
+               "gan_test": ("gan_test_accuracy",),
+               "structure": ("structure_valid_fraction", "structure_symmetry_ratio", "structure_blob_count_accuracy")}
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class Variant:
+    """A named set of recipe overrides, trained under OUT/NAME/."""
+
+    name: str
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Measurement:
+    """What every run of one invocation shares; a saved run counts as done only under the same settings."""
+
+    recipe: str
+    overrides: list[str]
+    samples: int
+    metrics: list[str]
+    classifier: str | None
+    jobs: int
+    threads: int | None  # OMP threads of each child, None = the child's own default (jobs = 1)
+    device: str | None = None
+
+
+@dataclass
+class RunResult:
+    variant: str
+    seed: int
+    train_args: list[str]
+    eval_settings: dict
+    metrics: dict[str, float]
+    train_seconds: float | None  # None: trained by an earlier invocation
+    eval_seconds: float
+    load_start: float | None
+    load_mean: float | None
+    load_end: float | None
+    final_step: int
+    resumed: bool = False
+    jobs: int = 1
+
+
+def parse_variant(text: str) -> Variant:
+    """`NAME` or `NAME: table.key=value table.key=value ...`."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not VARIANT_NAME.match(name):
+        raise UserError(f"--variant {text!r}: the name before ':' must be a folder name (letters, digits, . _ -)")
+    overrides = rest.split()
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--variant {name}: {item!r} is not table.key=value")
+    return Variant(name, overrides)
+
+
+def choose_metrics(recipe_path: Path, overrides: list[str]) -> list[str]:
+    """The metrics that apply to the recipe without Inception weights: classifier ones need labels."""
+    recipe = load_recipe(recipe_path, overrides)
+    metrics = []
+    if recipe.model.num_classes >= 2:
+        metrics += ["classifier_fid", "gan_test"]
+    if recipe.data.kind == "synthetic":
+        metrics.append("structure")
+    if not metrics:
+        raise UserError(f"{recipe_path}: no metric applies without Inception weights (unlabelled, not synthetic); "
+                        "give --metrics (e.g. fid with SAGAN_INCEPTION_WEIGHTS set)")
+    return metrics
+
+
+class LoadSampler:
+    """The 1-minute load average at start, every few seconds while a run lasts, and at its end."""
+
+    def __init__(self, every: float = LOAD_SAMPLE_SECONDS):
+        self.every, self.samples, self._stop = every, [os.getloadavg()[0]], threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> tuple[float, float, float]:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+        return self.samples[0], statistics.fmean(self.samples), self.samples[-1]
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if threads is not None:  # torch reads these at start-up for its intra-op pool
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> None:
+    """Run a sagan command with its output in `log`; a failure ends the measurement with the log's tail."""
+    with log.open("a", encoding="utf-8") as out:
+        out.write("$ " + " ".join(cmd) + "\n")
+        out.flush()
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if done.returncode:
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}); the end of {log}:\n{tail}")
+
+
+def final_step_reached(run_dir: Path) -> int | None:
+    """The step of run_dir/g.safetensors when it is the recipe's last step, else None."""
+    config, generator = run_dir / "config.json", run_dir / "g.safetensors"
+    if not (config.is_file() and generator.is_file()):
+        return None
+    steps = json.loads(config.read_text())["train"]["steps"]
+    step = read_info(generator).step
+    return step if step == steps else None
+
+
+def train_args(measurement: Measurement, variant: Variant, seed: int, run_dir: Path) -> list[str]:
+    args = ["train", measurement.recipe, "--out", str(run_dir), "--set", f"train.seed={seed}"]
+    for item in (*measurement.overrides, *variant.overrides):
+        args += ["--set", item]
+    if measurement.device:
+        args += ["--device", measurement.device]
+    return args
+
+
+def eval_settings(measurement: Measurement) -> dict:
+    return {"samples": measurement.samples, "metrics": measurement.metrics, "classifier": measurement.classifier}
+
+
+def measure_run(measurement: Measurement, variant: Variant, seed: int, out: Path) -> RunResult:
+    """Train (unless finished) and score (unless scored with the same settings) one seed of one variant."""
+    run_dir = out / variant.name / f"seed-{seed}"
+    result_file = out / variant.name / f"seed-{seed}.json"
+    log = out / variant.name / f"seed-{seed}.log"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    args = train_args(measurement, variant, seed, run_dir)
+    saved = json.loads(result_file.read_text()) if result_file.is_file() else None
+    if saved is not None and saved["train_args"] != args:
+        raise UserError(f"{run_dir} was trained with other settings ({' '.join(saved['train_args'])}); "
+                        "choose another --out")
+    env = child_env(measurement.threads)
+    final_step = final_step_reached(run_dir)
+    timing: dict = {"train_seconds": None, "load_start": None, "load_mean": None, "load_end": None}
+    resumed, trained_now = False, final_step is None
+    if trained_now:
+        if (run_dir / "state").is_dir():
+            resumed = True
+            args_now = [*args, "--resume"]
+        else:
+            if run_dir.exists():  # stopped before its first checkpoint: nothing to keep
+                shutil.rmtree(run_dir)
+            args_now = args
+        sampler, started = LoadSampler(), time.perf_counter()
+        run_logged([*SAGAN, *args_now], log, env)
+        seconds = time.perf_counter() - started
+        load_start, load_mean, load_end = sampler.stop()
+        timing = {"train_seconds": seconds, "load_start": load_start, "load_mean": load_mean, "load_end": load_end}
+        final_step = final_step_reached(run_dir)
+        if final_step is None:
+            raise RuntimeError(f"{run_dir}: training ended without g.safetensors at its last step (see {log})")
+    elif saved is not None:
+        timing = {key: saved[key] for key in timing}
+        resumed = saved.get("resumed", False)
+    settings = eval_settings(measurement)
+    eval_file = run_dir / EVAL_FILE
+    if not trained_now and saved is not None and saved["eval_settings"] == settings and eval_file.is_file():
+        return RunResult(**saved)
+    cmd = [*SAGAN, "eval", "--ckpt", str(run_dir / "g.safetensors"), "--data", str(run_dir / "config.json"),
+           "-n", str(measurement.samples), "--metrics", ",".join(measurement.metrics), "--json", str(eval_file), "-q"]
+    if measurement.classifier:
+        cmd += ["--classifier", measurement.classifier]
+    if measurement.device:
+        cmd += ["--device", measurement.device]
+    started = time.perf_counter()
+    run_logged(cmd, log, env)
+    scored = json.loads(eval_file.read_text())["metrics"]
+    result = RunResult(variant=variant.name, seed=seed, train_args=args, eval_settings=settings,
+                       metrics={key: scored[key] for key in shown_metrics(measurement.metrics) if key in scored},
+                       eval_seconds=time.perf_counter() - started, final_step=final_step, resumed=resumed,
+                       jobs=measurement.jobs, **timing)
+    result_file.write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def shown_metrics(metrics: list[str]) -> list[str]:
+    return [key for metric in metrics for key in METRIC_KEYS.get(metric, (metric,))]
+
+
+def ensure_classifier(path: Path, recipe: Path, overrides: list[str], epochs: int | None, log: Path,
+                      device: str | None = None) -> dict:
+    """Train the classifier once (test images: the recipe's test split where it has one); return its metadata."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [*SAGAN, "classifier", "train", str(recipe), "--out", str(path)]
+        for item in overrides:
+            cmd += ["--set", item]
+        if load_recipe(recipe, overrides).data.kind in ("idx", "cifar10-bin"):
+            cmd += ["--test-set", "data.split=test"]
+        if epochs is not None:
+            cmd += ["--epochs", str(epochs)]
+        if device:
+            cmd += ["--device", device]
+        run_logged(cmd, log, child_env(None))
+    from sagan_cli.classifier import load_classifier
+
+    _, info = load_classifier(path)
+    return {"path": str(path), "test_accuracy": info.test_accuracy, "weights_sha256": info.weights_sha256}
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (n - 1; 0 for one value), min and max."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def table(measurement: Measurement, results: list[RunResult], classifier: dict | None) -> str:
+    """The markdown table: one row per run, then mean ± std (min-max) per variant and metric."""
+    keys = shown_metrics(measurement.metrics)
+    lines = [f"# Quality: `{measurement.recipe}`" + (f" with {' '.join(measurement.overrides)}"
+                                                       if measurement.overrides else ""), ""]
+    lines.append(f"- machine: {machine()}; jobs={measurement.jobs}"
+                 + (f" ({measurement.threads} threads each: wall times are not those of a lone run)"
+                    if measurement.jobs > 1 else ""))
+    lines.append(f"- metrics: {', '.join(keys)}; {measurement.samples} samples per run vs the training images")
+    if classifier:
+        lines.append(f"- classifier: {classifier['path']} (test accuracy {classifier['test_accuracy']:.1%}, "
+                     f"sha256 {classifier['weights_sha256'][:12]})")
+    lines.append(f"- measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load = 1-minute load average; "
+                 "std = sample standard deviation (n - 1)")
+    lines += ["", "| variant | seed | " + " | ".join(keys) + " | train s | eval s | load start/mean/end |",
+              "|" + " --- |" * (len(keys) + 5)]
+    for result in results:
+        loads = "/".join(_number(v, 2) for v in (result.load_start, result.load_mean, result.load_end))
+        train = _number(result.train_seconds, 4) + (" (resumed)" if result.resumed else "")
+        lines.append(f"| {result.variant} | {result.seed} | " + " | ".join(_number(result.metrics.get(k), 4) for k in keys)
+                     + f" | {train} | {_number(result.eval_seconds, 3)} | {loads} |")
+    lines += ["", "| variant | n | " + " | ".join(f"{k} mean ± std (min-max)" for k in keys)
+              + " | train s mean | load mean |", "|" + " --- |" * (len(keys) + 4)]
+    for variant in dict.fromkeys(r.variant for r in results):
+        runs = [r for r in results if r.variant == variant]
+        cells = []
+        for key in keys:
+            values = [r.metrics[key] for r in runs if key in r.metrics]
+            if not values:
+                cells.append("-")
+                continue
+            s = summarise(values)
+            cells.append(f"{_number(s['mean'], 4)} ± {_number(s['std'], 2)} ({_number(s['min'], 4)}-{_number(s['max'], 4)})")
+        trains = [r.train_seconds for r in runs if r.train_seconds is not None]
+        loads = [r.load_mean for r in runs if r.load_mean is not None]
+        lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells)
+                     + f" | {_number(statistics.fmean(trains) if trains else None, 4)}"
+                     + f" | {_number(statistics.fmean(loads) if loads else None, 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def measure(measurement: Measurement, variants: list[Variant], seeds: list[int], out: Path) -> list[RunResult]:
+    """Every (variant, seed) run, `jobs` at a time; results in variant, seed order."""
+    jobs = [(variant, seed) for variant in variants for seed in seeds]
+    with ThreadPoolExecutor(max_workers=measurement.jobs) as pool:
+        futures = [pool.submit(measure_run, measurement, variant, seed, out) for variant, seed in jobs]
+        return [future.result() for future in futures]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("recipe", type=Path)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override for every run (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], metavar="'NAME[: KEY=VALUE ...]'",
+                        help="a named set of overrides, separated by spaces (none inside a value: [16,8]) (repeatable); "
+                             "default: one variant, 'recipe'")
+    parser.add_argument("--out", type=Path, help="default: runs/quality-RECIPE_NAME")
+    parser.add_argument("--samples", type=int, default=10000, help="generated images scored per run (sagan eval -n)")
+    parser.add_argument("--metrics", help="sagan eval metrics (default: those that apply to the recipe)")
+    parser.add_argument("--classifier", type=Path, help="default: OUT/classifier.safetensors, trained when missing")
+    parser.add_argument("--classifier-epochs", type=int, help="epochs when the classifier is trained here")
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each with cores // jobs threads")
+    parser.add_argument("--device", help="passed to sagan train and sagan eval")
+    args = parser.parse_args(argv)
+    try:
+        variants = [parse_variant(text) for text in args.variant] or [Variant("recipe")]
+        if len({v.name for v in variants}) != len(variants):
+            raise UserError("--variant names must differ")
+        if args.jobs < 1 or args.samples < 1:
+            raise UserError("--jobs and --samples must be at least 1")
+        for variant in variants:  # a bad key fails now, not after an hour of training
+            load_recipe(args.recipe, [*args.overrides, *variant.overrides])
+        metrics = args.metrics.split(",") if args.metrics else choose_metrics(args.recipe, args.overrides)
+        out = args.out or Path("runs") / f"quality-{args.recipe.stem}"
+        out.mkdir(parents=True, exist_ok=True)
+        classifier = None
+        if any(m.startswith("classifier_") or m == "gan_test" for m in metrics):
+            classifier = ensure_classifier(args.classifier or out / "classifier.safetensors", args.recipe,
+                                           args.overrides, args.classifier_epochs, out / "classifier.log", args.device)
+        threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+        measurement = Measurement(str(args.recipe), args.overrides, args.samples, metrics,
+                                  classifier and classifier["path"], args.jobs, threads, args.device)
+        results = measure(measurement, variants, args.seeds, out)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    text = table(measurement, results, classifier)
+    (out / "table.md").write_text(text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
