@@ -176,7 +176,8 @@ def grey_recipe(root, classes: int, arch: str, precision: str):
     }, name="grey")
 
 
-# All pairs of channels x conditional x arch x precision (+ the penalty, on augmented images): 4 tiny runs
+# Every pair of channels, conditional, arch and precision but conditional x precision (5 runs would cover it),
+# and each loss (WGAN-GP: its penalty on augmented images): 4 tiny runs
 KINDS = [(1, 3, "dcgan", "bf16", "hinge"), (1, 0, "resnet", "fp16", "wgan-gp"),
          (3, 3, "resnet", "bf16", "nonsaturating"), (3, 0, "dcgan", "fp16", "hinge")]
 
