@@ -130,6 +130,7 @@ class TrainConfig:
     tensorboard: bool = False  # also log through Accelerate's TensorBoard tracker
     compile: bool = False  # torch.compile the D and G phases' forward+loss (on CPU no faster, ~1 min of compiling)
     channels_last: bool = True  # NHWC memory format: on a 2-core CPU +22% img/s, -10% memory (benchmarks/train_step.py)
+    augment: str = ""  # DiffAugment policy before D, real and fake: comma-separated color, translation, cutout ("": off)
 
 
 @dataclass
@@ -165,6 +166,7 @@ CHOICES = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.loss": ("hinge", "nonsaturating", "wgan-gp"),
 }
+AUGMENT_OPS = ("color", "translation", "cutout")  # train.augment's policy names (sagan_cli/augment.py)
 METRICS = ("fid", "isc", "kid", "prc", "classifier_fid", "classifier_kid", "classifier_prc", "gan_test",
            "structure")  # classifier_* and gan_test: eval.classifier; structure: synthetic data only, no weights
 
@@ -326,6 +328,11 @@ def validate(recipe: Recipe) -> Recipe:
         _require(0 <= getattr(train, key) < 1, f"train.{key}", "must be in [0, 1)")
     _require(train.ema_start >= 0, "train.ema_start", "must be >= 0")
     _require(train.gp_weight >= 0, "train.gp_weight", "must be >= 0")
+    names = augment_policy(train.augment)
+    for name in names:
+        _require(name in AUGMENT_OPS, "train.augment", f"has unknown policy name {name!r}; allowed: "
+                 f"{', '.join(AUGMENT_OPS)}, comma-separated (\"\" turns augmentation off)")
+        _require(names.count(name) == 1, "train.augment", f"lists {name!r} more than once")
     _require(evaluation.every >= 0, "eval.every", "must be >= 0 (0 turns evaluation off)")
     _require(evaluation.num_samples > 0, "eval.num_samples", "must be > 0")
     _require(evaluation.batch_size > 0, "eval.batch_size", "must be > 0")
@@ -338,6 +345,11 @@ def validate(recipe: Recipe) -> Recipe:
     _require("gan_test" not in evaluation.metrics or recipe.model.num_classes > 0, "eval.metrics",
              "has gan_test, which needs a class-conditional model (model.num_classes > 0)")
     return recipe
+
+
+def augment_policy(text: str) -> list[str]:
+    """train.augment's names in order: "color, cutout" -> ["color", "cutout"]; "" (or blanks) -> []."""
+    return [name.strip() for name in text.split(",")] if text.strip() else []
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

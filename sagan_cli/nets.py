@@ -110,7 +110,8 @@ def build_nets(recipe: Recipe, accelerator: Accelerator) -> Nets:
 
 
 def make_phases(recipe: Recipe, nets: Nets, accelerator: Accelerator) -> Phases:
-    """The D and G updates with every option resolved: loss, precision, layout, compiling, the flag all-reduce."""
+    """The D and G updates with every option resolved: loss, precision, layout, compiling, the flag all-reduce,
+    the augmentation before D."""
     train = recipe.train
     precision = train.mixed_precision  # fp16 on a CPU too: autocast in float16 with loss scaling, as on CUDA
 
@@ -121,7 +122,8 @@ def make_phases(recipe: Recipe, nets: Nets, accelerator: Accelerator) -> Phases:
                   opt_g=_unwrap_optimizer(nets.opt_g), opt_d=_unwrap_optimizer(nets.opt_d), loss=train.loss,
                   gp_weight=train.gp_weight, precision=precision, device=accelerator.device,
                   channels_last=train.channels_last, compile=train.compile,
-                  reduce_flag=any_rank if accelerator.num_processes > 1 else None, plan=nets.plan)
+                  reduce_flag=any_rank if accelerator.num_processes > 1 else None, plan=nets.plan,
+                  augment=train.augment)
 
 
 def _unwrap_optimizer(optimizer) -> torch.optim.Optimizer:

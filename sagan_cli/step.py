@@ -11,6 +11,7 @@ them read the flag on the host, see `update_plan`), and the
 losses come back as device tensors that the loop reads only when it logs. Each phase is a plain function
 of tensors, so it can be timed, skipped or compiled on its own (D's loss and G's loss are separate
 compiled frames, one per `requires_grad` state of D's weights: pytorch issue 139476 is about sharing one).
+With `train.augment`, every image D sees in either phase is first augmented (`augment.py`), eagerly.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sagan_cli.augment import make_augment
 from sagan_cli.layers import power_iterations
 from sagan_cli.losses import d_loss, g_loss, gradient_penalty
 
@@ -97,7 +99,7 @@ class Phases:
     def __init__(self, *, generator: nn.Module, discriminator: nn.Module, raw_g: nn.Module, raw_d: nn.Module,
                  opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, loss: str, gp_weight: float,
                  precision: str, device: torch.device, channels_last: bool, compile: bool = False,
-                 reduce_flag=None, plan: UpdatePlan | None = None):
+                 reduce_flag=None, plan: UpdatePlan | None = None, augment: str = ""):
         self.generator, self.discriminator, self.raw_g, self.raw_d = generator, discriminator, raw_g, raw_d
         # eager: each network's power iterations batched into a few kernels before its training forward
         self.power_iterations = (lambda model: None) if compile else power_iterations
@@ -110,8 +112,10 @@ class Phases:
         # fp16 only: one loss scaler per network, so an overflow in D does not lower G's scale
         self.scalers = {name: torch.amp.GradScaler(device.type) if precision == "fp16" else None for name in "dg"}
         self.reduce_flag = reduce_flag or (lambda flag: flag)  # multi-process: the max over every rank
-        self.pending_fake: torch.Tensor | None = None
+        self.pending_fake: torch.Tensor | None = None  # un-augmented: the G phase draws its own augmentation
         self.pending_labels: torch.Tensor | None = None
+        # DiffAugment before D (eager, outside the compiled frames); "" is the identity: no op, no random draw
+        self.augment = make_augment(augment)
         # torch.compile G's forward, D's loss and G's loss as separate frames (a graph that produced both
         # the fakes and D's loss would be freed by D's backward before the G phase needs it); the
         # backward passes run the compiled backward graphs, and the fused Adam steps stay eager.
@@ -179,14 +183,16 @@ class Phases:
         self.power_iterations(self.raw_d)
         with torch.set_grad_enabled(keep_fakes):
             fake = self.fakes(z, fake_labels)
-        loss, d_real, d_fake = self.d_forward(real, labels, fake.detach(), fake_labels)
         if keep_fakes:
             self.pending_fake, self.pending_labels = fake, fake_labels
+        # D sees (and WGAN-GP penalises between) the augmented images: independent draws for real and fake
+        real, fake = self.augment(real), self.augment(fake.detach())
+        loss, d_real, d_fake = self.d_forward(real, labels, fake, fake_labels)
         base_loss = loss
         if self.loss == "wgan-gp":  # twice differentiated: eager, outside any compiled frame
             self.raw_d.eval()  # spectral norm keeps the vectors this phase's forward just refined
             with self.autocast():
-                loss = loss + self.gp_weight * gradient_penalty(self.raw_d, real, fake.detach(), labels,
+                loss = loss + self.gp_weight * gradient_penalty(self.raw_d, real, fake, labels,
                                                                 scale=self.penalty_scale())
             self.raw_d.train()
         bad, diverged = self._update(self.opt_d, loss, self.scalers["d"], base_loss)
@@ -200,6 +206,6 @@ class Phases:
             self.pending_fake = self.pending_labels = None
         else:
             fake = self.fakes(z, fake_labels)
-        loss = self.g_forward(fake, fake_labels)
+        loss = self.g_forward(self.augment(fake), fake_labels)
         bad, diverged = self._update(self.opt_g, loss, self.scalers["g"])
         return GStats(loss.detach(), bad, diverged)
