@@ -53,7 +53,7 @@ def _rss_kb() -> int:
 def _setup(variant: str, batch: int, channels: int, size: int, device: str):
     import torch
 
-    from sagan_cli.layers import SelfAttention
+    from sagan_cli.model.layers import SelfAttention
 
     torch.manual_seed(0)
     block = SelfAttention(channels, variant).to(device)

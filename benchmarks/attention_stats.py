@@ -34,11 +34,11 @@ def run(recipe, device: str, windows: int, window: int, probe: bool) -> dict:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from sagan_cli.attention_stats import AttentionProbe
-    from sagan_cli.batches import Data, Noise
-    from sagan_cli.data import build_dataset
-    from sagan_cli.nets import build_nets, make_phases
-    from sagan_cli.train import train_step
+    from sagan_cli.data.datasets import build_dataset
+    from sagan_cli.inspection.attention_stats import AttentionProbe
+    from sagan_cli.training.batches import Data, Noise
+    from sagan_cli.training.loop import train_step
+    from sagan_cli.training.nets import build_nets, make_phases
 
     train = recipe.train
     AcceleratorState._reset_state(reset_partial_state=False)

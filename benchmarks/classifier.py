@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from common import load
 
-from sagan_cli.classifier import Classifier, ClassifierConfig
+from sagan_cli.evaluation.classifier import Classifier, ClassifierConfig
 
 
 def seconds_per_step(channels: int, width: int, batch: int, steps: int, resolution: int) -> float:

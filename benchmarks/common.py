@@ -138,7 +138,7 @@ def explicit_attention_up_to(max_positions: int) -> None:
         return
     import torch
 
-    from sagan_cli.layers import SelfAttention
+    from sagan_cli.model.layers import SelfAttention
 
     fused = SelfAttention.forward
 

@@ -33,9 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sagan_cli.checkpoint import read_info
 from sagan_cli.config import load_recipe
 from sagan_cli.errors import UserError
+from sagan_cli.interchange.checkpoint import read_info
 
 SAGAN = [sys.executable, "-m", "sagan_cli"]
 LOAD_SAMPLE_SECONDS = 5.0
@@ -246,7 +246,7 @@ def ensure_classifier(path: Path, recipe: Path, overrides: list[str], epochs: in
         if device:
             cmd += ["--device", device]
         run_logged(cmd, log, child_env(None))
-    from sagan_cli.classifier import load_classifier
+    from sagan_cli.evaluation.classifier import load_classifier
 
     _, info = load_classifier(path)
     return {"path": str(path), "test_accuracy": info.test_accuracy, "weights_sha256": info.weights_sha256}

@@ -1,5 +1,5 @@
-"""Sampling throughput: the generator alone (`sagan_cli.sample.generate`) and end to end to PNG files
-(`sagan_cli.sample.sample_images`, checkpoint load and PNG writing included).
+"""Sampling throughput: the generator alone (`sagan_cli.model.generation.generate`) and end to end to PNG files
+(`sagan_cli.inspection.sample.sample_images`, checkpoint load and PNG writing included).
 
     python benchmarks/sample.py                                   # 1000 images, every variant
     python benchmarks/sample.py -n 256 --precisions fp32 --compile off    # a quick look
@@ -44,7 +44,7 @@ def make_generator(model: str, device: str):
     import torch
 
     from sagan_cli.config import ModelConfig, load_recipe
-    from sagan_cli.models import Generator
+    from sagan_cli.model.models import Generator
 
     torch.manual_seed(0)
     cfg = ModelConfig(**PORT_MODEL) if model == "dcgan64" else load_recipe(ROOT / "recipes" / "imagenet128.toml").model
@@ -55,7 +55,7 @@ def measure_generate(model: str, device: str, n: int, batch: int, precision: str
                      channels_last: bool, repeats: int) -> dict:
     import torch
 
-    from sagan_cli.sample import generate
+    from sagan_cli.model.generation import generate
 
     generator = make_generator(model, device)
     if channels_last:
@@ -76,8 +76,8 @@ def measure_generate(model: str, device: str, n: int, batch: int, precision: str
 
 
 def measure_end_to_end(model: str, device: str, n: int, batch: int, repeats: int) -> dict:
-    from sagan_cli.checkpoint import save_model
-    from sagan_cli.sample import sample_images
+    from sagan_cli.inspection.sample import sample_images
+    from sagan_cli.interchange.checkpoint import save_model
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_model(Path(tmp) / "g.safetensors", make_generator(model, "cpu"), step=0)

@@ -1,4 +1,4 @@
-"""Training throughput: `sagan_cli.train.train_step` (D phase + G phase, hinge, TTUR), timed as it trains.
+"""Training throughput: `sagan_cli.training.loop.train_step` (D phase + G phase, hinge, TTUR), timed as it trains.
 
     python benchmarks/train_step.py                                    # both models, every variant (slow)
     python benchmarks/train_step.py --models dcgan64 --precisions fp32 --compile off --channels-last off on
@@ -74,10 +74,10 @@ def build(name: str, device: str, batch: int, precision: str, compiled: bool, ch
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from sagan_cli.batches import Noise
     from sagan_cli.config import Recipe, TrainConfig
-    from sagan_cli.data import SyntheticBlobs
-    from sagan_cli.nets import build_nets, make_phases
+    from sagan_cli.data.datasets import SyntheticBlobs
+    from sagan_cli.training.batches import Noise
+    from sagan_cli.training.nets import build_nets, make_phases
 
     model = model_config(name)
     train = TrainConfig(batch_size=batch, mixed_precision={"fp32": "no"}.get(precision, precision), compile=compiled,
@@ -103,7 +103,7 @@ def build(name: str, device: str, batch: int, precision: str, compiled: bool, ch
 
 
 def step(args) -> None:
-    from sagan_cli.train import train_step
+    from sagan_cli.training.loop import train_step
 
     phases, data, noise, reuse_fakes = args
     return train_step(phases, data, noise, d_steps=1, reuse_fakes=reuse_fakes)

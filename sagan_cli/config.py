@@ -166,7 +166,7 @@ CHOICES = {
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.loss": ("hinge", "nonsaturating", "wgan-gp"),
 }
-AUGMENT_OPS = ("color", "translation", "cutout")  # train.augment's policy names (sagan_cli/augment.py)
+AUGMENT_OPS = ("color", "translation", "cutout")  # train.augment's policy names (sagan_cli/training/augment.py)
 METRICS = ("fid", "isc", "kid", "prc", "classifier_fid", "classifier_kid", "classifier_prc", "gan_test",
            "structure")  # classifier_* and gan_test: eval.classifier; structure: synthetic data only, no weights
 

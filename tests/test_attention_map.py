@@ -13,7 +13,12 @@ import typer.main
 from PIL import Image
 from typer.testing import CliRunner
 
-from sagan_cli.attention import (
+from sagan_cli.cli import app, main
+from sagan_cli.cli.attn_map_command import attn_map_command
+from sagan_cli.config import ModelConfig
+from sagan_cli.data.datasets import image_to_tensor, open_image
+from sagan_cli.errors import UserError
+from sagan_cli.inspection.attention import (
     attention_view,
     captured_inputs,
     layer_attention,
@@ -21,14 +26,9 @@ from sagan_cli.attention import (
     to_grid,
     to_pixel,
 )
-from sagan_cli.attn_map_command import attn_map_command
-from sagan_cli.checkpoint import save_model
-from sagan_cli.cli import app, main
-from sagan_cli.config import ModelConfig
-from sagan_cli.data import image_to_tensor, open_image
-from sagan_cli.errors import UserError
-from sagan_cli.layers import SelfAttention
-from sagan_cli.models import Discriminator, Generator
+from sagan_cli.interchange.checkpoint import save_model
+from sagan_cli.model.layers import SelfAttention
+from sagan_cli.model.models import Discriminator, Generator
 
 WHITE = (20, 8)  # top-left pixel of a 2x2 white block in an otherwise black 32x32 image
 

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from sagan_cli.attention_stats import AttentionProbe, layer_stats, query_grid
 from sagan_cli.config import recipe_from_dict
-from sagan_cli.data import build_dataset
-from sagan_cli.layers import SelfAttention
-from sagan_cli.models import attention_layers, build_models
+from sagan_cli.data.datasets import build_dataset
+from sagan_cli.inspection.attention_stats import AttentionProbe, layer_stats, query_grid
+from sagan_cli.model.layers import SelfAttention
+from sagan_cli.model.models import attention_layers, build_models
 
 
 def _set_weights(layer: SelfAttention, query: torch.Tensor, key: torch.Tensor) -> None:

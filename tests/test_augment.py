@@ -12,12 +12,12 @@ from conftest import tiny_garments, write_idx
 from test_cli_errors import assert_one_error_line, run_main
 from test_train import tiny_recipe, weights
 
-from sagan_cli.augment import OPS, color, cutout, identity, make_augment, translation
 from sagan_cli.config import AUGMENT_OPS, ModelConfig, recipe_from_dict
 from sagan_cli.errors import UserError
-from sagan_cli.models import Discriminator, Generator
-from sagan_cli.step import Phases, make_optimizer, update_plan
-from sagan_cli.train import run_training
+from sagan_cli.model.models import Discriminator, Generator
+from sagan_cli.training.augment import OPS, color, cutout, identity, make_augment, translation
+from sagan_cli.training.loop import run_training
+from sagan_cli.training.step import Phases, make_optimizer, update_plan
 
 ALL = "color,translation,cutout"
 

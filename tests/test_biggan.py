@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from sagan_cli.config import ModelConfig
 from sagan_cli.errors import UserError
-from sagan_cli.interpolate import mixed_classes
-from sagan_cli.models import Generator
+from sagan_cli.inspection.interpolate import mixed_classes
+from sagan_cli.model.models import Generator
 
 BIGGAN_TINY = dict(arch="resnet", resolution=32, num_classes=5, z_dim=24, g_ch=16, d_ch=16, attention="paper",
                    g_attention=[16], d_attention=[16], shared_embedding=8, hierarchical_z=True)
@@ -57,9 +57,9 @@ def test_the_biggan_keys_are_validated(values: dict, key: str):
 
 
 def test_a_few_training_steps_with_the_biggan_options(tmp_path):
-    from sagan_cli.checkpoint import load_model
     from sagan_cli.config import recipe_from_dict
-    from sagan_cli.train import run_training
+    from sagan_cli.interchange.checkpoint import load_model
+    from sagan_cli.training.loop import run_training
 
     model = {**BIGGAN_TINY, "g_ch": 8, "d_ch": 8, "g_attention": [16], "d_attention": [8]}
     recipe = recipe_from_dict({
@@ -235,7 +235,7 @@ def reference_d(state, x, y, inplace=False):
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    from sagan_cli.biggan import import_biggan
+    from sagan_cli.interchange.biggan import import_biggan
 
     root = tmp_path_factory.mktemp("biggan")
     g_state, d_state = biggan_g_state(), biggan_d_state()
@@ -246,7 +246,7 @@ def imported(tmp_path_factory):
 
 
 def test_imported_generator_gives_biggans_images(imported):
-    from sagan_cli.checkpoint import load_model
+    from sagan_cli.interchange.checkpoint import load_model
 
     g, _ = load_model(imported["out"] / "g.safetensors")
     assert g.config.shared_embedding == 16 and g.config.hierarchical_z and g.config.z_dim == 120
@@ -259,7 +259,7 @@ def test_imported_generator_gives_biggans_images(imported):
 
 
 def test_imported_discriminator_gives_biggans_scores(imported):
-    from sagan_cli.checkpoint import load_model
+    from sagan_cli.interchange.checkpoint import load_model
 
     d, _ = load_model(imported["out"] / "d.safetensors")
     assert d.config.d_attention == [64] and not d.config.d_shortcut_relu
@@ -302,7 +302,7 @@ def test_commands_run_on_an_import(imported):
 
 def test_a_32x32_layout_imports_with_its_own_widths(tmp_path):
     """BigGAN's 32x32 arch (4 * ch everywhere) differs from sagan's width rule: it goes to model.g_widths."""
-    from sagan_cli.biggan import biggan_config, generator_from_biggan
+    from sagan_cli.interchange.biggan import biggan_config, generator_from_biggan
 
     state = biggan_g_state(ch=8, resolution=32, attention=16, dim_z=120)
     config = biggan_config(state, None)
@@ -320,7 +320,7 @@ def test_a_32x32_layout_imports_with_its_own_widths(tmp_path):
     (lambda s: s.update({"blocks.0.0.bn1.gain.weight": torch.ones(32, 3)}), "bn1.gain"),
 ])
 def test_refusals_are_one_line(tmp_path, change, words):
-    from sagan_cli.biggan import import_biggan
+    from sagan_cli.interchange.biggan import import_biggan
 
     state = biggan_g_state(ch=8, resolution=32, attention=16)
     change(state)
@@ -331,7 +331,7 @@ def test_refusals_are_one_line(tmp_path, change, words):
 
 
 def test_pickled_objects_and_missing_files_are_refused(tmp_path):
-    from sagan_cli.biggan import import_biggan
+    from sagan_cli.interchange.biggan import import_biggan
 
     torch.save({"model": torch.ones(1), "step": object.__new__(Evil)}, tmp_path / "G.pth")
     with pytest.raises(UserError, match="pickled objects"):
@@ -348,8 +348,8 @@ def test_the_recipe_is_the_imported_architecture(imported):
     """recipes/biggan128.toml and an import of BigGAN 128's layout agree on every key but widths and class count."""
     from pathlib import Path
 
-    from sagan_cli.checkpoint import read_info
     from sagan_cli.config import load_recipe
+    from sagan_cli.interchange.checkpoint import read_info
 
     recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "biggan128.toml").model.to_dict()
     config = read_info(imported["out"] / "g.safetensors").config.to_dict()
@@ -358,7 +358,7 @@ def test_the_recipe_is_the_imported_architecture(imported):
 
 
 def test_a_d_from_the_in_place_relu_code_imports_with_its_shortcuts(imported):
-    from sagan_cli.biggan import biggan_config, discriminator_from_biggan
+    from sagan_cli.interchange.biggan import biggan_config, discriminator_from_biggan
 
     config = biggan_config(None, imported["d"], d_shortcut_relu=True)
     assert config.d_shortcut_relu

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sagan_cli.checkpoint import atomic_write, load_model, read_info, save_model
 from sagan_cli.config import ModelConfig
 from sagan_cli.errors import UserError
-from sagan_cli.models import build_models
+from sagan_cli.interchange.checkpoint import atomic_write, load_model, read_info, save_model
+from sagan_cli.model.models import build_models
 
 CFG = ModelConfig(arch="resnet", resolution=32, num_classes=3, z_dim=16, g_ch=8, d_ch=8,
                   attention="paper", g_attention=[16], d_attention=[8])
@@ -108,7 +108,7 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     """Atomic writes go through mkstemp (mode 0600): the final file must be readable as any new file is."""
     import os
 
-    from sagan_cli.checkpoint import atomic_write
+    from sagan_cli.interchange.checkpoint import atomic_write
 
     mask = os.umask(0o022)
     try:
@@ -172,7 +172,7 @@ def test_absurd_sizes_in_a_checkpoint_are_refused_before_any_allocation(tmp_path
 @pytest.mark.parametrize("field, value", [("width", 10**9), ("num_classes", 10**10), ("resolution", 10**6),
                                           ("channels", 7), ("width", True)])
 def test_absurd_sizes_in_a_classifier_file_are_refused(tmp_path, field, value):
-    from sagan_cli.classifier import Classifier, ClassifierConfig, load_classifier, save_classifier
+    from sagan_cli.evaluation.classifier import Classifier, ClassifierConfig, load_classifier, save_classifier
 
     good = tmp_path / "c.safetensors"
     save_classifier(good, Classifier(ClassifierConfig(3, 32, 3, 8)), dataset="x", class_names=["a", "b", "c"],

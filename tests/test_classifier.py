@@ -21,8 +21,9 @@ from test_cli_errors import run_main
 from torch_fidelity.noise import random_normal
 from torch_fidelity.utils import create_feature_extractor
 
-from sagan_cli.checkpoint import save_model
-from sagan_cli.classifier import (
+from sagan_cli.config import DataConfig, EvalConfig, ModelConfig, Recipe
+from sagan_cli.data.datasets import SyntheticBlobs, build_dataset, dataset_identity
+from sagan_cli.evaluation.classifier import (
     Classifier,
     ClassifierConfig,
     accuracy,
@@ -32,12 +33,11 @@ from sagan_cli.classifier import (
     train_classifier,
     weights_sha256,
 )
-from sagan_cli.config import DataConfig, EvalConfig, ModelConfig, Recipe
-from sagan_cli.data import SyntheticBlobs, build_dataset, dataset_identity
-from sagan_cli.features import CLASSIFIER_EXTRACTOR, register
-from sagan_cli.metrics import evaluate_generator
-from sagan_cli.models import Generator
-from sagan_cli.sample import to_uint8
+from sagan_cli.evaluation.features import CLASSIFIER_EXTRACTOR, register
+from sagan_cli.evaluation.metrics import evaluate_generator
+from sagan_cli.interchange.checkpoint import save_model
+from sagan_cli.model.generation import to_uint8
+from sagan_cli.model.models import Generator
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_metrics import frechet  # noqa: E402 - the independent Frechet distance

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sagan_cli.checkpoint import save_model
-from sagan_cli.classifier import Classifier, ClassifierConfig, save_classifier
 from sagan_cli.cli import main
 from sagan_cli.config import ModelConfig
-from sagan_cli.models import Generator
+from sagan_cli.evaluation.classifier import Classifier, ClassifierConfig, save_classifier
+from sagan_cli.interchange.checkpoint import save_model
+from sagan_cli.model.models import Generator
 
 TINY = dict(resolution=32, g_ch=16, d_ch=16, z_dim=16, g_attention=[16], d_attention=[8])
 RECIPE = ('[data]\nkind = "synthetic"\nsynthetic_size = 16\n[model]\nresolution = 32\nnum_classes = {classes}\n'
@@ -123,7 +123,7 @@ def test_user_error(name, paths, monkeypatch, capsys, tmp_path):
 def test_training_checks_the_classifier_before_step_one(paths):
     from sagan_cli.config import load_recipe
     from sagan_cli.errors import UserError
-    from sagan_cli.metrics import check_evaluation
+    from sagan_cli.evaluation.metrics import check_evaluation
 
     def recipe(path: Path, metrics: str = '["classifier_fid", "gan_test"]'):
         return load_recipe(paths["recipe3"], [f"eval.classifier={path}", f"eval.metrics={metrics}"])

@@ -25,10 +25,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from sagan_cli import __version__
-from sagan_cli.checkpoint import save_model
 from sagan_cli.cli import app, main
 from sagan_cli.config import ModelConfig, load_recipe
-from sagan_cli.models import Discriminator, Generator
+from sagan_cli.interchange.checkpoint import save_model
+from sagan_cli.model.models import Discriminator, Generator
 
 TINY = dict(resolution=32, g_ch=16, d_ch=16, g_attention=[16], d_attention=[8])
 RECIPE = """\
@@ -125,7 +125,7 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     # A finished run (real training, 1 step on a 4-image folder): refused without --resume, and on
     # --resume with a new architecture. Its copy gets a damaged config.json.
-    from sagan_cli.train import run_training
+    from sagan_cli.training.loop import run_training
 
     (root / "train-images").mkdir()
     for i in range(4):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_cli_errors import run_main
 
-from sagan_cli.checkpoint import save_model
 from sagan_cli.config import ModelConfig
-from sagan_cli.models import Discriminator, Generator
+from sagan_cli.interchange.checkpoint import save_model
+from sagan_cli.model.models import Discriminator, Generator
 
 TINY = dict(resolution=32, g_ch=16, d_ch=16, z_dim=16, g_attention=[16], d_attention=[8])
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sagan_cli.checkpoint import save_model
 from sagan_cli.config import ModelConfig
 from sagan_cli.errors import UserError
-from sagan_cli.models import Generator
+from sagan_cli.interchange.checkpoint import save_model
+from sagan_cli.model.models import Generator
 
 TINY = dict(resolution=32, g_ch=8, d_ch=8, z_dim=8, g_attention=[16], d_attention=[8])
 RECIPE = ('[data]\nkind = "synthetic"\nsynthetic_size = 16\n'
@@ -66,7 +66,7 @@ def test_the_payload_does_run_when_unpickled(tmp_path: Path) -> None:
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real one-step run (config, checkpoints and state/step-1/) to plant into."""
     from sagan_cli.config import load_recipe
-    from sagan_cli.train import run_training
+    from sagan_cli.training.loop import run_training
 
     root = tmp_path_factory.mktemp("hostile")
     (root / "tiny.toml").write_text(RECIPE)
@@ -79,8 +79,8 @@ def test_resume_never_unpickles_its_state_files(run: Path, tmp_path: Path, name:
     import shutil
 
     from sagan_cli.config import load_recipe
-    from sagan_cli.state import latest_state
-    from sagan_cli.train import run_training
+    from sagan_cli.training.loop import run_training
+    from sagan_cli.training.state import latest_state
 
     copy = tmp_path / "run"
     shutil.copytree(run / "run", copy)
@@ -115,7 +115,7 @@ def test_eval_feature_cache_entries_are_never_unpickled(tmp_path: Path, monkeypa
     """The cache files sagan reads (its safetensors entries) hold a pickle: they are rebuilt, nothing runs."""
     from test_cli_errors import run_main
 
-    from sagan_cli.classifier import Classifier, ClassifierConfig, save_classifier
+    from sagan_cli.evaluation.classifier import Classifier, ClassifierConfig, save_classifier
 
     monkeypatch.setenv("SAGAN_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)

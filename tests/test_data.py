@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from sagan_cli.config import DataConfig, recipe_from_dict
-from sagan_cli.data import build_dataset, dataset_identity
+from sagan_cli.data.datasets import build_dataset, dataset_identity
 from sagan_cli.errors import UserError
 
 RED, BLUE = torch.tensor([250, 0, 0]) / 127.5 - 1, torch.tensor([0, 0, 250]) / 127.5 - 1
@@ -66,7 +66,7 @@ def test_corrupt_file_is_skipped_counted_and_warned_once(image_folder, caplog):
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
     ds = build_dataset(folder(image_folder), 32, num_classes=2)
     assert len(ds) == 4 and ds.skipped == 0  # found lazily, not by decoding everything up front
-    with caplog.at_level(logging.WARNING, logger="sagan_cli.data"):
+    with caplog.at_level(logging.WARNING, logger="sagan_cli.data.datasets"):
         image, label = ds[1]
         assert label == 1 and ds.skipped == 1  # replaced by the next readable item (dogs/c.jpg)
         assert torch.allclose(mean_colour(image), BLUE, atol=0.05)
@@ -133,7 +133,7 @@ def test_lsun_reads_lmdb_lazily_without_writing_a_cache(lsun_lmdb, tmp_path, mon
     monkeypatch.chdir(work)
     ds = build_dataset(DataConfig(kind="lsun", path=str(lsun_lmdb)), 32)
     assert len(ds) == 4
-    with caplog.at_level(logging.WARNING, logger="sagan_cli.data"):
+    with caplog.at_level(logging.WARNING, logger="sagan_cli.data.datasets"):
         colours = [mean_colour(ds[i][0]) for i in range(4)]
     assert torch.allclose(colours[1], BLUE, atol=0.05)
     assert torch.allclose(colours[2], colours[3]) and colours[3][1] > 0.9  # corrupt -> next (green)

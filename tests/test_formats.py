@@ -13,7 +13,7 @@ from conftest import CIFAR_NAMES, IdxSet, cifar_records, idx_bytes, tiny_garment
 from PIL import Image
 
 from sagan_cli.config import DataConfig
-from sagan_cli.data import build_dataset, dataset_identity, image_to_tensor
+from sagan_cli.data.datasets import build_dataset, dataset_identity, image_to_tensor
 from sagan_cli.errors import UserError
 
 

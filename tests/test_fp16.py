@@ -13,13 +13,13 @@ from accelerate import Accelerator
 from rich.console import Console
 from test_train import tiny_recipe, weights
 
-from sagan_cli.checkpointer import Checkpointer
 from sagan_cli.errors import UserError
-from sagan_cli.losses import gradient_penalty
-from sagan_cli.nets import BatchNormGuard, build_nets, make_phases
-from sagan_cli.state import latest_state
-from sagan_cli.step import Phases, UpdatePlan, make_optimizer, update_plan
-from sagan_cli.train import make_accelerator, run_training
+from sagan_cli.model.losses import gradient_penalty
+from sagan_cli.training.checkpointer import Checkpointer
+from sagan_cli.training.loop import make_accelerator, run_training
+from sagan_cli.training.nets import BatchNormGuard, build_nets, make_phases
+from sagan_cli.training.state import latest_state
+from sagan_cli.training.step import Phases, UpdatePlan, make_optimizer, update_plan
 
 
 def test_the_update_plan_is_a_function_of_the_device_type():
@@ -117,7 +117,7 @@ def test_a_skipped_update_leaves_adam_and_g_batchnorm_as_they_were(plan, skip):
 
 def test_host_skip_plan_trains_like_the_fused_one(tmp_path, monkeypatch):
     """The mps/xpu path (foreach Adam, the host skips) trains the same steps on the CPU, to round-off."""
-    import sagan_cli.nets as nets_module
+    import sagan_cli.training.nets as nets_module
 
     def losses(run):
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

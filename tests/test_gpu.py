@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from sagan_cli.layers import SelfAttention
+from sagan_cli.model.layers import SelfAttention
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -67,7 +67,7 @@ def all_finite(result) -> list[str]:
 @pytest.fixture(scope="module")
 def fp32_reference(tmp_path_factory):
     """The eager fp32 run every other setting is compared with (same weights, data and noise)."""
-    from sagan_cli.train import run_training
+    from sagan_cli.training.loop import run_training
 
     run = tmp_path_factory.mktemp("fp32") / "run"
     run_training(tiny(run.parent), run)
@@ -79,7 +79,7 @@ def fp32_reference(tmp_path_factory):
                           ({"mixed_precision": "bf16", "compile": True}, 5e-2), ({"mixed_precision": "fp16"}, 1e-2)],
                          ids=["bf16", "compiled", "bf16-compiled", "fp16"])
 def test_a_bf16_fp16_and_a_compiled_step_match_fp32(tmp_path, fp32_reference, settings, tolerance):
-    from sagan_cli.train import run_training
+    from sagan_cli.training.loop import run_training
 
     result = run_training(tiny(tmp_path, **settings), tmp_path / "run")
     assert next(result.generator.parameters()).is_cuda
@@ -106,8 +106,8 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, scale: float, name: str) -> N
 def test_resume_on_cuda_continues_exactly(tmp_path):
     from safetensors.torch import load_file
 
-    from sagan_cli.state import latest_state
-    from sagan_cli.train import run_training
+    from sagan_cli.training.loop import run_training
+    from sagan_cli.training.state import latest_state
 
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     straight = run_training(tiny(tmp_path), tmp_path / "a")

@@ -14,15 +14,16 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sagan_cli.attention import draw_figure
-from sagan_cli.attn_map_command import attn_map_command
-from sagan_cli.checkpoint import load_model, read_info, save_model
+from sagan_cli.cli.attn_map_command import attn_map_command
 from sagan_cli.config import ModelConfig, recipe_from_dict, recipe_from_json
-from sagan_cli.data import build_dataset
+from sagan_cli.data.datasets import build_dataset
 from sagan_cli.errors import UserError
-from sagan_cli.models import Discriminator, Generator
-from sagan_cli.sample import sample_images, to_rgb_uint8
-from sagan_cli.train import run_training
+from sagan_cli.inspection.attention import draw_figure
+from sagan_cli.inspection.sample import sample_images
+from sagan_cli.interchange.checkpoint import load_model, read_info, save_model
+from sagan_cli.model.generation import to_rgb_uint8
+from sagan_cli.model.models import Discriminator, Generator
+from sagan_cli.training.loop import run_training
 
 TINY_MODEL = {"resolution": 32, "g_ch": 16, "d_ch": 16, "z_dim": 16, "g_attention": [16], "d_attention": [8]}
 
@@ -103,7 +104,7 @@ def test_attention_map_of_grayscale_checkpoints(grey_run: Path, tmp_path: Path) 
 
 
 def test_figure_shows_a_grayscale_image_in_gray() -> None:
-    from sagan_cli.attention import LayerAttention
+    from sagan_cli.inspection.attention import LayerAttention
 
     image = torch.arange(32 * 32, dtype=torch.uint8).reshape(1, 32, 32)
     rows = torch.full((1, 4, 4), 1 / 16)
@@ -116,7 +117,7 @@ def test_figure_shows_a_grayscale_image_in_gray() -> None:
 def test_evaluation_sees_three_channels(grey_run: Path) -> None:
     """torch-fidelity's Inception takes B x 3 x H x W uint8: what sagan's metrics hand it."""
     from sagan_cli.config import DataConfig
-    from sagan_cli.metrics import UInt8Images, _Sampler
+    from sagan_cli.evaluation.metrics import UInt8Images, _Sampler
 
     assert torch.equal(to_rgb_uint8(torch.tensor([[[-1.0, 1.0]]])), torch.tensor([[[0, 255]]] * 3, dtype=torch.uint8))
     rgb = torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8)
@@ -161,7 +162,7 @@ def test_eval_reads_grayscale_npz_samples(tmp_path):
     """`sagan sample --format npz` of a grayscale model writes N x H x W x 1: `sagan eval --samples` takes it."""
     import numpy as np
 
-    from sagan_cli.eval_command import load_samples
+    from sagan_cli.cli.eval_command import load_samples
 
     path = tmp_path / "grey.npz"
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
@@ -180,8 +181,8 @@ def test_eval_refuses_an_npz_whose_header_asks_for_more_than_the_file_holds(tmp_
 
     import numpy as np
 
+    from sagan_cli.cli.eval_command import load_samples
     from sagan_cli.errors import UserError
-    from sagan_cli.eval_command import load_samples
 
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
@@ -200,8 +201,8 @@ def test_eval_refuses_an_npz_with_corrupt_compressed_data_in_one_line(tmp_path):
     """Corrupt deflate data inside a valid zip directory raises zlib.error in numpy: one error, not a traceback."""
     import numpy as np
 
+    from sagan_cli.cli.eval_command import load_samples
     from sagan_cli.errors import UserError
-    from sagan_cli.eval_command import load_samples
 
     path = tmp_path / "corrupt.npz"
     np.savez_compressed(path, images=np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8))

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sagan_cli import biggan, studiogan
 from sagan_cli.config import ModelConfig
 from sagan_cli.errors import UserError
+from sagan_cli.interchange import biggan, studiogan
 
 HOSTILE = {
     "expanded": torch.zeros(1).expand(16384, 16384, 3, 3),  # 4 bytes on disk, 9.7 GB as a model layer

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sagan_cli.checkpoint import load_model, save_model
 from sagan_cli.config import ModelConfig
-from sagan_cli.interpolate import interpolate, noise_path, slerp
-from sagan_cli.models import Generator
-from sagan_cli.sample import generate, make_noise
+from sagan_cli.inspection.interpolate import interpolate, noise_path, slerp
+from sagan_cli.interchange.checkpoint import load_model, save_model
+from sagan_cli.model.generation import generate, make_noise
+from sagan_cli.model.models import Generator
 
 TINY = dict(resolution=32, g_ch=16, d_ch=16, z_dim=16, g_attention=[16], d_attention=[8])
 
@@ -112,7 +112,7 @@ def test_export_matches_the_generator(fmt: str, which: str, ckpts: dict[str, Pat
     if fmt == "onnx":
         pytest.importorskip("onnx")
         ort = pytest.importorskip("onnxruntime")
-    from sagan_cli.export import export_generator
+    from sagan_cli.interchange.export import export_generator
 
     out, difference = export_generator(ckpts[which], fmt, tmp_path / f"g.{fmt}", check_samples=3)
     print(f"export {fmt} {which}: max |difference| {difference:.3g}")
@@ -146,7 +146,7 @@ def test_export_check_covers_the_traced_batch_size_and_another(fmt: str, ckpts: 
     if fmt == "onnx":
         pytest.importorskip("onnx")
         pytest.importorskip("onnxruntime")
-    from sagan_cli import export
+    from sagan_cli.interchange import export
 
     runner = "_run_onnx" if fmt == "onnx" else "_run_torchscript"
     real_runner, batches = getattr(export, runner), []

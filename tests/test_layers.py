@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from sagan_cli import layers
-from sagan_cli.layers import SelfAttention, fused_attention
+from sagan_cli.model import layers
+from sagan_cli.model.layers import SelfAttention, fused_attention
 
 TOL = 1e-5
 
@@ -191,7 +191,7 @@ def test_batched_power_iterations_equal_the_layer_by_layer_spectral_norm():
 
     from torch.nn.utils.parametrizations import spectral_norm
 
-    from sagan_cli.layers import power_iterations, sn
+    from sagan_cli.model.layers import power_iterations, sn
 
     torch.manual_seed(0)
     makers = [lambda: torch.nn.Conv2d(8, 16, 3), lambda: torch.nn.ConvTranspose2d(16, 8, 4, 2, 1),

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sagan_cli.losses import LOSSES, d_loss, g_loss, gradient_penalty
+from sagan_cli.model.losses import LOSSES, d_loss, g_loss, gradient_penalty
 
 REAL = torch.tensor([2.0, 0.5, 0.0, math.log(3.0)])
 FAKE = torch.tensor([-2.0, 0.5, 0.0, -math.log(3.0)])

@@ -26,11 +26,11 @@ from test_cli_errors import run_main
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from sagan_cli.checkpoint import save_model
 from sagan_cli.config import DataConfig, ModelConfig, Recipe
-from sagan_cli.data import SyntheticBlobs, dataset_identity
-from sagan_cli.metrics import evaluate_generator
-from sagan_cli.models import Discriminator, Generator
+from sagan_cli.data.datasets import SyntheticBlobs, dataset_identity
+from sagan_cli.evaluation.metrics import evaluate_generator
+from sagan_cli.interchange.checkpoint import save_model
+from sagan_cli.model.models import Discriminator, Generator
 
 TINY = dict(resolution=32, g_ch=16, d_ch=16, g_attention=[16], d_attention=[8])
 
@@ -203,7 +203,7 @@ def test_missing_weights_fail_fast_with_one_line(tmp_path):
 
 
 def test_weights_found_through_env_and_torch_hub(tmp_path, weights, monkeypatch):
-    from sagan_cli.inception import INCEPTION_FILE, find_inception_weights
+    from sagan_cli.evaluation.inception import INCEPTION_FILE, find_inception_weights
 
     monkeypatch.setenv("SAGAN_INCEPTION_WEIGHTS", str(weights))
     assert find_inception_weights().path == weights
@@ -337,8 +337,8 @@ def test_conditional_synthetic_reference_has_the_class_colours(tmp_path, weights
 def test_grayscale_samples_meet_a_grayscale_reference(tmp_path, weights, monkeypatch, capsys, as_png):
     """A grayscale model's samples (its .npz or 'L' PNGs) against a folder of colour images: the reference
     is read in grayscale as the model reads it, so the folder's own pixels in grayscale score FID 0 (issue 18)."""
-    from sagan_cli.data import image_to_tensor, open_image
-    from sagan_cli.sample import to_uint8
+    from sagan_cli.data.datasets import image_to_tensor, open_image
+    from sagan_cli.model.generation import to_uint8
 
     real = shapes(tmp_path / "real", 6, seed=3)
     grey = np.stack([to_uint8(image_to_tensor(open_image(p), 32, channels=1)).permute(1, 2, 0).numpy()

@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from sagan_cli.checkpoint import save_model
 from sagan_cli.config import recipe_from_dict
-from sagan_cli.interpolate import interpolate
-from sagan_cli.models import Discriminator, Generator
+from sagan_cli.inspection.interpolate import interpolate
+from sagan_cli.interchange.checkpoint import save_model
+from sagan_cli.model.models import Discriminator, Generator
 
 ATTENTIONS = ("seed", "paper", "none")
 ALL_KINDS = list(itertools.product((1, 3), (0, 3), ("dcgan", "resnet"), ATTENTIONS))
@@ -68,7 +68,7 @@ def decode_png(uri: str) -> Image.Image:
 
 @pytest.mark.parametrize("kind", KINDS, ids=kind_id)
 def test_report_and_interpolate_on_every_kind_of_model(kind: tuple, tmp_path: Path) -> None:
-    from sagan_cli.report import build_report
+    from sagan_cli.inspection.report import build_report
 
     channels, classes, _, attention = kind
     run = make_run(tmp_path, kind)
@@ -96,10 +96,10 @@ def test_report_and_interpolate_on_every_kind_of_model(kind: tuple, tmp_path: Pa
 
 @pytest.mark.parametrize("kind", KINDS, ids=kind_id)
 def test_sample_attn_map_and_export_on_every_kind_of_model(kind: tuple, tmp_path: Path) -> None:
-    from sagan_cli.attn_map_command import attn_map_command
+    from sagan_cli.cli.attn_map_command import attn_map_command
     from sagan_cli.errors import UserError
-    from sagan_cli.export import export_generator
-    from sagan_cli.sample import sample_images
+    from sagan_cli.inspection.sample import sample_images
+    from sagan_cli.interchange.export import export_generator
 
     channels, classes, _, attention = kind
     run = make_run(tmp_path, kind)

@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 
 from sagan_cli.config import ModelConfig
 from sagan_cli.errors import UserError
-from sagan_cli.models import Discriminator, Generator, attention_layers, build_models, gammas
+from sagan_cli.model.models import Discriminator, Generator, attention_layers, build_models, gammas
 
 
 def tiny(**kw) -> ModelConfig:

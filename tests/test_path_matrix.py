@@ -146,8 +146,8 @@ def recipe_text(cell: Cell, data_dir: Path | None, *, steps: int = 2) -> str:
 
 def write_grey_folder(root: Path, count: int = 8) -> Path:
     """3 class folders of `count` 64x64 'L' PNGs: discs of three hues, as grayscale."""
-    from sagan_cli.data import SyntheticBlobs
-    from sagan_cli.sample import to_uint8
+    from sagan_cli.data.datasets import SyntheticBlobs
+    from sagan_cli.model.generation import to_uint8
 
     blobs = SyntheticBlobs(3 * count * 4, 64, seed=3, num_classes=CLASSIFIER_CLASSES)
     written = [0] * CLASSIFIER_CLASSES
@@ -260,7 +260,7 @@ def latest_state(run: Path) -> Path:
 
 
 def check_run(run: Path, cell: Cell, steps: int) -> None:
-    from sagan_cli.checkpoint import read_info
+    from sagan_cli.interchange.checkpoint import read_info
 
     for name in ("g", "d"):
         info = read_info(run / f"{name}.safetensors")
@@ -284,8 +284,8 @@ def check_run(run: Path, cell: Cell, steps: int) -> None:
 
 def check_export(ckpt: Path, out: Path, fmt: str) -> None:
     """The exported file gives the checkpoint's images at two batch sizes other than the traced one."""
-    from sagan_cli.checkpoint import load_model
-    from sagan_cli.sample import make_noise
+    from sagan_cli.interchange.checkpoint import load_model
+    from sagan_cli.model.generation import make_noise
 
     g, info = load_model(ckpt, expect="generator", device="cpu")
     config = info.config
@@ -347,7 +347,7 @@ def model_steps(ctx: Context, *, g: Path, d: Path, data: Path, classifier_recipe
         out = sagan("classifier", "train", classifier_recipe, "--set", f"model.num_classes={CLASSIFIER_CLASSES}",
                     "--out", classifier, "--epochs", 1, "--batch-size", 16, "--width", 8, "--device", "cpu")
         assert f"wrote {classifier}" in out
-        from sagan_cli.classifier import load_classifier
+        from sagan_cli.evaluation.classifier import load_classifier
 
         _, info = load_classifier(classifier)
         assert info.config.channels == cell.channels, \

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sagan_cli.checkpoint import load_model, read_info
-from sagan_cli.sample import make_noise
+from sagan_cli.interchange.checkpoint import load_model, read_info
+from sagan_cli.model.generation import make_noise
 
 # The port's real layout (imsize 64): conv_dim 64 (its default) and z_dim 128 (its trainer's default).
 # Its attention widths are fixed in its code, Self_Attn(128) and Self_Attn(64) in G, Self_Attn(256) and
@@ -206,14 +206,14 @@ def test_discriminator_gives_the_ports_scores(imported: dict):
 def test_the_import_samples_and_keeps_a_recipe(imported: dict):
     """`sagan sample` reads the import (same pixels as the reference, after uint8 rounding) and config.json is a recipe."""
     from sagan_cli.config import recipe_from_json
-    from sagan_cli.sample import to_uint8
+    from sagan_cli.model.generation import to_uint8
 
     out = imported["out"]
     assert recipe_from_json(out / "config.json").model.g_attention == [16, 32]
     assert read_info(out / "g.safetensors").recipe == "import-port"
     import numpy as np
 
-    from sagan_cli.sample import sample_images
+    from sagan_cli.inspection.sample import sample_images
 
     sample_images(out / "g.safetensors", 4, out / "s", seed=2, fmt="npz", device="cpu")  # what `sagan sample` runs
 
@@ -226,7 +226,7 @@ def test_the_import_samples_and_keeps_a_recipe(imported: dict):
 def test_generator_only(tmp_path: Path):
     """--g alone (here DataParallel-saved, from before the counter) writes g.safetensors and the recipe."""
     torch.save({f"module.{k}": v for k, v in port_generator_state(counter=False).items()}, tmp_path / "G.pth")
-    from sagan_cli.port import import_port
+    from sagan_cli.interchange.port import import_port
 
     import_port(tmp_path / "G.pth", None, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "g.safetensors"]
@@ -235,7 +235,7 @@ def test_generator_only(tmp_path: Path):
 def test_a_state_dict_with_keys_that_are_not_names_is_refused_in_one_line(tmp_path):
     """A dict of tensors keyed by numbers is no state dict: the `module.` prefix check must not crash on it."""
     from sagan_cli.errors import UserError
-    from sagan_cli.port import load_port_state
+    from sagan_cli.interchange.port import load_port_state
 
     path = tmp_path / "numbers.pth"
     torch.save({1: torch.zeros(1)}, path)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sagan_cli.checkpoint import save_model
 from sagan_cli.config import load_recipe
-from sagan_cli.models import build_models
+from sagan_cli.interchange.checkpoint import save_model
+from sagan_cli.model.models import build_models
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sagan_cli.config import recipe_from_dict
-from sagan_cli.report import build_report, read_log
+from sagan_cli.inspection.report import build_report, read_log
 
 TINY = {
     "data": {"kind": "synthetic", "synthetic_size": 64},
@@ -27,7 +27,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real (tiny) run: 2 steps of training on synthetic data, plus an eval line as training writes it."""
-    from sagan_cli.train import run_training
+    from sagan_cli.training.loop import run_training
 
     root = tmp_path_factory.mktemp("report") / "run"
     run_training(recipe_from_dict(json.loads(json.dumps(TINY)), name="tiny"), root)
@@ -98,11 +98,11 @@ def test_rows_match_the_models_attention(run_dir: Path):
     """The page's quantised rows are the model's attention rows (the same image, the same query)."""
     import torch
 
-    from sagan_cli.attention import captured_inputs
-    from sagan_cli.checkpoint import load_model
-    from sagan_cli.explorer import generator_subjects
-    from sagan_cli.models import attention_layers
-    from sagan_cli.sample import generate
+    from sagan_cli.inspection.attention import captured_inputs
+    from sagan_cli.inspection.explorer import generator_subjects
+    from sagan_cli.interchange.checkpoint import load_model
+    from sagan_cli.model.generation import generate
+    from sagan_cli.model.models import attention_layers
 
     g, _ = load_model(run_dir / "g.safetensors")
     subject = generator_subjects(g, 1, seed=5)[0]
@@ -120,8 +120,8 @@ def test_rows_match_the_models_attention(run_dir: Path):
 def test_large_maps_keep_a_query_grid_and_pooled_keys():
     import torch
 
-    from sagan_cli.explorer import layer_rows, query_stride
-    from sagan_cli.layers import SelfAttention
+    from sagan_cli.inspection.explorer import layer_rows, query_stride
+    from sagan_cli.model.layers import SelfAttention
 
     assert [query_stride(s, s) for s in (8, 16, 32, 64, 128)] == [1, 1, 2, 4, 8]
     torch.manual_seed(0)

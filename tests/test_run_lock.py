@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sagan_cli.errors import UserError
-from sagan_cli.run_lock import RunLock
+from sagan_cli.training.run_lock import RunLock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import kill_resume as harness  # noqa: E402
@@ -130,7 +130,7 @@ def test_the_lock_names_its_holder_and_a_refused_command_leaves_no_folder(tmp_pa
 def test_peer_failure_names_only_a_closed_connection_and_only_with_peers(monkeypatch):
     """A gloo collective whose peer died: one line. A local NCCL fault or a single process: no such line (the
     real traceback stays)."""
-    from sagan_cli.launcher import peer_failure
+    from sagan_cli.training.launcher import peer_failure
 
     closed = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -12,13 +12,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from sagan_cli.checkpoint import save_model
 from sagan_cli.cli import app, main
 from sagan_cli.config import ModelConfig
 from sagan_cli.errors import UserError
-from sagan_cli.layers import ClassBatchNorm2d
-from sagan_cli.models import Discriminator, Generator
-from sagan_cli.sample import generate, make_noise, sample_images
+from sagan_cli.inspection.sample import sample_images
+from sagan_cli.interchange.checkpoint import save_model
+from sagan_cli.model.generation import generate, make_noise
+from sagan_cli.model.layers import ClassBatchNorm2d
+from sagan_cli.model.models import Discriminator, Generator
 
 TINY = dict(resolution=32, g_ch=16, d_ch=16, g_attention=[16], d_attention=[8])
 
@@ -64,7 +65,7 @@ def test_same_seed_gives_byte_identical_files(ckpts: dict[str, Path], tmp_path: 
 
 
 def test_batch_size_does_not_change_the_images(ckpts: dict[str, Path]) -> None:
-    from sagan_cli.checkpoint import load_model
+    from sagan_cli.interchange.checkpoint import load_model
 
     g, _ = load_model(ckpts["g"])
     whole, _ = generate(g, 7, seed=3, batch_size=7)

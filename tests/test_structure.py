@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sagan_cli.config import DataConfig
-from sagan_cli.data import build_dataset
-from sagan_cli.structure import find_blobs, score_images
+from sagan_cli.data.datasets import build_dataset
+from sagan_cli.data.structure import find_blobs, score_images
 
 
 def real_images(n: int, resolution: int = 32, per_side: int = 1, num_classes: int = 0) -> torch.Tensor:

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from sagan_cli.checkpoint import load_model
 from sagan_cli.cli import app
 from sagan_cli.errors import UserError
-from sagan_cli.sample import make_noise
-from sagan_cli.studiogan import import_studiogan
+from sagan_cli.interchange.checkpoint import load_model
+from sagan_cli.interchange.studiogan import import_studiogan
+from sagan_cli.model.generation import make_noise
 
 Z_DIM = 16
 
@@ -286,7 +286,7 @@ def test_discriminator_gives_studiogans_scores(imported: dict):
 def test_real_widths_and_recipe_shapes():
     """At StudioGAN's real widths (CIFAR-10: g_conv_dim 64, d_conv_dim 64; ImageNet 128: 64/64) the config that
     the importer infers builds models whose tensors have StudioGAN's shapes (no forward: shape bookkeeping only)."""
-    from sagan_cli.studiogan import studiogan_config
+    from sagan_cli.interchange.studiogan import studiogan_config
 
     CASES["cifar10-real"] = (32, 64, 64, [2], [1], 10, "embed")
     CASES["imagenet128-real"] = (128, 64, 64, [4], [1], 1000, "onehot")
@@ -390,7 +390,7 @@ def test_the_new_model_keys_are_validated(values: dict, key: str):
 def test_d_block_sizes_build_the_blocks_they_say():
     """[16, 8, 8]: the first two blocks pool, the third keeps 8x8; attention at 8 sits after the first 8x8 block."""
     from sagan_cli.config import ModelConfig
-    from sagan_cli.models import Discriminator
+    from sagan_cli.model.models import Discriminator
 
     config = ModelConfig(arch="resnet", resolution=32, d_ch=8, d_block_sizes=[16, 8, 8], d_widths=[8, 16, 16],
                          d_attention=[8], attention="paper")
@@ -405,7 +405,7 @@ def test_a_numpy_1_best_fid_loads(tmp_path: Path):
     """Files written under numpy 1 name its scalar constructor numpy.core.multiarray.scalar: allow-listed too."""
     import zipfile
 
-    from sagan_cli.studiogan import load_studiogan_state
+    from sagan_cli.interchange.studiogan import load_studiogan_state
 
     torch.save({"state_dict": {"a": torch.ones(2)}, "best_fid": np.float64(10.35)}, tmp_path / "new.pth")
     with zipfile.ZipFile(tmp_path / "new.pth") as source, zipfile.ZipFile(tmp_path / "old.pth", "w") as target:

@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sagan_cli.batches import batch_indices
-from sagan_cli.checkpoint import load_model, read_info
 from sagan_cli.config import recipe_from_dict
 from sagan_cli.errors import UserError
-from sagan_cli.models import Discriminator, Generator, gammas
-from sagan_cli.state import latest_state
-from sagan_cli.train import run_training
+from sagan_cli.interchange.checkpoint import load_model, read_info
+from sagan_cli.model.models import Discriminator, Generator, gammas
+from sagan_cli.training.batches import batch_indices
+from sagan_cli.training.loop import run_training
+from sagan_cli.training.state import latest_state
 
 TINY = {
     "data": {"kind": "synthetic", "synthetic_size": 64},
@@ -228,7 +228,7 @@ TWO_RANKS = """
 import os, sys
 from safetensors.torch import save_file
 from sagan_cli.config import recipe_from_dict
-from sagan_cli.train import run_training
+from sagan_cli.training.loop import run_training
 raw = {raw!r}
 raw["train"]["steps"] = int(sys.argv[2])
 raw["eval"] = {{"every": 2, "num_samples": 16, "metrics": ["structure"]}}  # rank 0 evaluates, rank 1 waits
@@ -336,7 +336,7 @@ def test_a_skipped_non_finite_step_leaves_every_saved_model_finite(tmp_path):
     """Plant NaN in G's activations from the third step on: the error must name a state that samples finite images."""
     from safetensors.torch import load_file as load_tensors
 
-    from sagan_cli.layers import DCGANUpBlock
+    from sagan_cli.model.layers import DCGANUpBlock
 
     forwards = {"n": 0}
 
