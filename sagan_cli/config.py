@@ -327,6 +327,7 @@ def validate(recipe: Recipe) -> Recipe:
     for key in ("beta1", "beta2", "ema_decay"):
         _require(0 <= getattr(train, key) < 1, f"train.{key}", "must be in [0, 1)")
     _require(train.ema_start >= 0, "train.ema_start", "must be >= 0")
+    _require(0 <= train.seed < 2**32, "train.seed", f"must be in [0, 2**32) (numpy's seed range), got {train.seed}")
     _require(train.gp_weight >= 0, "train.gp_weight", "must be >= 0")
     names = augment_policy(train.augment)
     for name in names:
