@@ -49,7 +49,7 @@ SAGAN = [sys.executable, "-m", "sagan_cli"]
 LOAD_SAMPLE_SECONDS = 5.0
 STOP_GRACE_SECONDS = 60.0  # a stopped `sagan train` finishes its step and checkpoints; then it is terminated
 EVAL_FILE = "eval-quality.json"
-SEED_LIMIT = 2**32  # numpy's seeds: 0 <= seed < 2**32
+SEED_LIMIT = 2**31  # train.seed's range (numpy's 2**32, with room for one seed per process)
 # `sagan eval --metrics` name -> the result keys shown (fid and classifier_fid keep their name)
 METRIC_KEYS = {"isc": ("isc_mean",), "kid": ("kid_mean",), "prc": ("precision", "recall"),
                "classifier_kid": ("classifier_kid_mean",),
@@ -122,7 +122,7 @@ def refuse_seed_override(overrides: list[str], where: str) -> None:
 def check_seeds(seeds: list[int]) -> None:
     for seed in seeds:
         if not 0 <= seed < SEED_LIMIT:
-            raise UserError(f"--seeds {seed}: a seed must be in [0, 2**32)")
+            raise UserError(f"--seeds {seed}: a seed must be in [0, 2**31) (train.seed's range)")
     repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
     if repeated:
         raise UserError(f"--seeds lists {', '.join(map(str, repeated))} more than once: a seed is one run")

@@ -141,7 +141,7 @@ def _main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
     (["--metrics", "fdi"], "unknown metric 'fdi'"),
     (["--metrics", "gan_test"], "gan_test"),  # quickstart is unconditional
     (["--seeds", "0", "-1"], "--seeds -1"),
-    (["--seeds", "4294967296"], "--seeds 4294967296"),
+    (["--seeds", "2147483648"], "--seeds 2147483648"),
     (["--seeds", "0", "1", "0"], "--seeds lists 0 more than once"),
     (["--set", "train.seed=5"], "train.seed"),
     (["--variant", "a: model.g_ch=16 train.seed=5"], "--variant a"),
