@@ -1,6 +1,7 @@
 """Recipes: TOML loading, --set overrides, and errors that name the offending key."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -132,7 +133,7 @@ def test_recipe_printing_shows_square_brackets_verbatim(tmp_path, path):
 
     recipe = recipe_from_dict({"data": {"kind": "folder", "path": path}}, name="x[/]")
     out = io.StringIO()
-    print_recipe(recipe, tmp_path / "run [1]", Console(file=out, width=300))
+    print_recipe(recipe, Path("runs/run [1]"), Console(file=out, width=300))  # short: a long tmp path wraps
     assert path in out.getvalue() and "run [1]" in out.getvalue() and "'x[/]'" in out.getvalue()
 
 
