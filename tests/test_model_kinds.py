@@ -24,9 +24,9 @@ ATTENTIONS = ("seed", "paper", "none")
 ALL_KINDS = list(itertools.product((1, 3), (0, 3), ("dcgan", "resnet"), ATTENTIONS))
 # The path matrix (tests/test_path_matrix.py) runs sample, attn-map on G and D, report, interpolate and
 # export through the CLI on 10 kinds, among them 6 of the 8 this file used to run by default:
-#   grey-uncond-dcgan-seed  -> c1-uncond-dcgan-seed-32-fp32      rgb-uncond-dcgan-paper -> c3-uncond-dcgan-paper-32-fp32
-#   grey-cond-dcgan-none    -> c1-cond-dcgan-none-32-bf16        rgb-uncond-resnet-none -> c3-uncond-resnet-none-32-fp16-2p
-#   grey-cond-resnet-seed   -> c1-cond-resnet-seed-64-fp32       rgb-cond-dcgan-seed    -> c3-cond-dcgan-seed-64-fp16
+#   grey-uncond-dcgan-seed  -> c1-uncond-dcgan-seed-32-fp32-aug  rgb-uncond-dcgan-paper -> c3-uncond-dcgan-paper-32-fp32
+#   grey-cond-dcgan-none    -> c1-cond-dcgan-none-32-bf16-aug    rgb-uncond-resnet-none -> c3-uncond-resnet-none-32-fp16-2p-aug
+#   grey-cond-resnet-seed   -> c1-cond-resnet-seed-64-fp32-aug   rgb-cond-dcgan-seed    -> c3-cond-dcgan-seed-64-fp16
 # (test_matrix_covers_the_other_kinds checks that list). The suite runs the two it lacks: a colour
 # conditional resnet (no matrix cell has one) and grayscale unconditional resnet with paper attention;
 # SAGAN_ALL_KINDS=1 runs all 24 (about a minute on 2 cores).
