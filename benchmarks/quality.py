@@ -10,9 +10,14 @@ noise: a difference between variants means something only next to the spread bet
 
 The metrics follow the recipe unless --metrics says otherwise: with labelled data (model.num_classes
 >= 2) classifier_fid and gan_test, with a classifier (`--classifier FILE`, or trained once into
-OUT/classifier.safetensors); on the built-in synthetic data also the structure score. Runs that are
-already finished (final step reached, eval JSON saved with the same settings) are not redone, so an
-interrupted measurement continues where it stopped; an interrupted training resumes from its state/.
+OUT/classifier.safetensors); on the built-in synthetic data also the structure score. Each variant gets
+the metrics that apply to it (its overrides applied); --metrics is checked against every variant before
+anything trains. Runs that are already finished (final step reached, eval JSON saved with the same
+settings) are not redone, so an interrupted measurement continues where it stopped; an interrupted
+training resumes from its state/. Before a run trains, its resolved recipe goes to OUT/VARIANT/seed-S.args.json:
+a run folder made with other settings is refused, finished or not. The seeds come from --seeds only
+(train.seed in --set or --variant is refused). The first failed run, or Ctrl-C, ends the measurement:
+queued runs are dropped and running trainings are stopped (they checkpoint and resume next time).
 Per-run results: OUT/VARIANT/seed-S.json; the table: stdout and OUT/table.md.
 """
 
@@ -24,23 +29,31 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sagan_cli.config import load_recipe
+from sagan_cli.config import Recipe, load_recipe, parse_override, recipe_from_json
 from sagan_cli.errors import UserError
+from sagan_cli.evaluation.inception import find_inception_weights
+from sagan_cli.evaluation.metrics import ALL_METRICS, CLASSIFIER_METRICS, INCEPTION_METRICS, parse_metrics
 from sagan_cli.interchange.checkpoint import read_info
 
 SAGAN = [sys.executable, "-m", "sagan_cli"]
 LOAD_SAMPLE_SECONDS = 5.0
+STOP_GRACE_SECONDS = 60.0  # a stopped `sagan train` finishes its step and checkpoints; then it is terminated
 EVAL_FILE = "eval-quality.json"
-METRIC_KEYS = {"classifier_fid": ("classifier_fid",), "classifier_kid": ("classifier_kid_mean",),
+SEED_LIMIT = 2**31  # train.seed's range (numpy's 2**32, with room for one seed per process)
+# `sagan eval --metrics` name -> the result keys shown (fid and classifier_fid keep their name)
+METRIC_KEYS = {"isc": ("isc_mean",), "kid": ("kid_mean",), "prc": ("precision", "recall"),
+               "classifier_kid": ("classifier_kid_mean",),
+               "classifier_prc": ("classifier_precision", "classifier_recall"),
                "gan_test": ("gan_test_accuracy",),
                "structure": ("structure_valid_fraction", "structure_symmetry_ratio", "structure_blob_count_accuracy")}
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -48,10 +61,11 @@ VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 @dataclass
 class Variant:
-    """A named set of recipe overrides, trained under OUT/NAME/."""
+    """A named set of recipe overrides, trained under OUT/NAME/ and scored with `metrics`."""
 
     name: str
     overrides: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)  # `sagan eval --metrics` names, set by check_variants
 
 
 @dataclass
@@ -61,7 +75,6 @@ class Measurement:
     recipe: str
     overrides: list[str]
     samples: int
-    metrics: list[str]
     classifier: str | None
     jobs: int
     threads: int | None  # OMP threads of each child, None = the child's own default (jobs = 1)
@@ -98,18 +111,58 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, overrides)
 
 
-def choose_metrics(recipe_path: Path, overrides: list[str]) -> list[str]:
+def refuse_seed_override(overrides: list[str], where: str) -> None:
+    """The seeds come from --seeds: a train.seed override would silently make every run the same seed."""
+    for item in overrides:
+        table, key, _ = parse_override(item)
+        if (table, key.strip()) == ("train", "seed"):
+            raise UserError(f"{where} {item!r}: train.seed is set per run from --seeds; drop it and give --seeds")
+
+
+def check_seeds(seeds: list[int]) -> None:
+    for seed in seeds:
+        if not 0 <= seed < SEED_LIMIT:
+            raise UserError(f"--seeds {seed}: a seed must be in [0, 2**31) (train.seed's range)")
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise UserError(f"--seeds lists {', '.join(map(str, repeated))} more than once: a seed is one run")
+
+
+def choose_metrics(recipe: Recipe, where: str) -> list[str]:
     """The metrics that apply to the recipe without Inception weights: classifier ones need labels."""
-    recipe = load_recipe(recipe_path, overrides)
     metrics = []
     if recipe.model.num_classes >= 2:
         metrics += ["classifier_fid", "gan_test"]
     if recipe.data.kind == "synthetic":
         metrics.append("structure")
     if not metrics:
-        raise UserError(f"{recipe_path}: no metric applies without Inception weights (unlabelled, not synthetic); "
+        raise UserError(f"{where}: no metric applies without Inception weights (unlabelled, not synthetic); "
                         "give --metrics (e.g. fid with SAGAN_INCEPTION_WEIGHTS set)")
     return metrics
+
+
+def check_metrics(text: str, recipe: Recipe, where: str) -> list[str]:
+    """--metrics as `sagan eval` reads them against this recipe's data, checked now rather than after training."""
+    metrics = parse_metrics(text, recipe.data)
+    if "gan_test" in metrics and recipe.model.num_classes == 0:
+        raise UserError(f"{where}: --metrics gan_test needs a class-conditional model (model.num_classes > 0)")
+    if any(metric in INCEPTION_METRICS for metric in metrics):
+        find_inception_weights(None)
+    return metrics
+
+
+def check_variants(recipe_path: Path, overrides: list[str], variants: list[Variant], metrics: str | None) -> None:
+    """Each variant's recipe loads and its metrics apply to it (its own overrides applied): set variant.metrics."""
+    refuse_seed_override(overrides, "--set")
+    for variant in variants:
+        refuse_seed_override(variant.overrides, f"--variant {variant.name}")
+        recipe = load_recipe(recipe_path, [*overrides, *variant.overrides])
+        where = f"{recipe_path} (variant {variant.name})"
+        variant.metrics = check_metrics(metrics, recipe, where) if metrics else choose_metrics(recipe, where)
+
+
+def needs_classifier(metrics: list[str]) -> bool:
+    return any(metric in CLASSIFIER_METRICS for metric in metrics)
 
 
 class LoadSampler:
@@ -138,15 +191,77 @@ def child_env(threads: int | None) -> dict[str, str]:
     return env
 
 
-def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> None:
+class Stopped(RuntimeError):
+    """A command not started because the measurement is ending (a run failed, or Ctrl-C)."""
+
+
+class Children:
+    """The sagan processes running now, so that ending the measurement stops them instead of leaving them to run.
+
+    They share our process group: Ctrl-C in a terminal reaches them too (`sagan train` then finishes its
+    step, checkpoints and exits), so on Ctrl-C they are given `grace` seconds before being terminated.
+    """
+
+    def __init__(self, grace: float | None = None):
+        self.grace = STOP_GRACE_SECONDS if grace is None else grace
+        self.closed, self._stopping, self._running, self._lock = False, False, set(), threading.Lock()
+
+    def close(self) -> None:
+        """Start no more commands (a run failed: the measurement ends)."""
+        with self._lock:
+            self.closed = True
+
+    def check_open(self, what: str) -> None:
+        if self.closed:
+            raise Stopped(f"{what}: not started, the measurement is ending")
+
+    def run(self, cmd: list[str], out, env: dict[str, str]) -> int:
+        with self._lock:
+            self.check_open(" ".join(cmd))
+            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+            self._running.add(process)
+        try:
+            return process.wait()
+        finally:
+            if process.poll() is not None:  # still running after Ctrl-C here: stop() ends it
+                with self._lock:
+                    self._running.discard(process)
+
+    def stop(self, *, interrupted: bool) -> None:
+        """Start nothing more; ask the running ones to stop (SIGINT, unless Ctrl-C already did), then terminate.
+
+        A second call (Ctrl-C while waiting) terminates at once.
+        """
+        with self._lock:
+            grace = 0.0 if self._stopping else self.grace
+            self.closed = self._stopping = True
+            processes = list(self._running)
+        if not interrupted:
+            for process in processes:
+                process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + grace
+        for process in processes:
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def run_logged(cmd: list[str], log: Path, env: dict[str, str], children: Children) -> None:
     """Run a sagan command with its output in `log`; a failure ends the measurement with the log's tail."""
     with log.open("a", encoding="utf-8") as out:
         out.write("$ " + " ".join(cmd) + "\n")
         out.flush()
-        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    if done.returncode:
+        returncode = children.run(cmd, out, env)
+    if returncode:
         tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {done.returncode}); the end of {log}:\n{tail}")
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {returncode}); the end of {log}:\n{tail}")
 
 
 def final_step_reached(run_dir: Path) -> int | None:
@@ -168,21 +283,49 @@ def train_args(measurement: Measurement, variant: Variant, seed: int, run_dir: P
     return args
 
 
-def eval_settings(measurement: Measurement) -> dict:
-    return {"samples": measurement.samples, "metrics": measurement.metrics, "classifier": measurement.classifier}
+def eval_settings(measurement: Measurement, variant: Variant) -> dict:
+    classifier = measurement.classifier if needs_classifier(variant.metrics) else None
+    return {"samples": measurement.samples, "metrics": variant.metrics, "classifier": classifier}
 
 
-def measure_run(measurement: Measurement, variant: Variant, seed: int, out: Path) -> RunResult:
+def run_settings(measurement: Measurement, variant: Variant, seed: int) -> dict:
+    """What makes a run the run it is: its resolved recipe (not the path as spelled) and the device."""
+    recipe = load_recipe(measurement.recipe, [*measurement.overrides, *variant.overrides, f"train.seed={seed}"])
+    return {"recipe": json.loads(json.dumps(recipe.to_dict())), "device": measurement.device}
+
+
+def check_run_settings(settings: dict, args: list[str], run_dir: Path, record: Path) -> None:
+    """Refuse a run folder made with other settings, finished or not; then record ours before anything trains."""
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        recorded = {key: saved.get(key) for key in settings}
+    elif (run_dir / "config.json").is_file():  # trained before the record existed: its resolved recipe says
+        recorded = {"recipe": json.loads(json.dumps(recipe_from_json(run_dir / "config.json").to_dict())),
+                    "device": settings["device"]}
+    else:
+        recorded = settings
+    if recorded != settings:
+        differ = sorted(f"{table}.{key}" for table, values in settings["recipe"].items() if isinstance(values, dict)
+                        for key in values if recorded["recipe"].get(table, {}).get(key) != values[key])
+        if recorded["device"] != settings["device"]:
+            differ.append("--device")
+        raise UserError(f"{run_dir} was made with other settings (differing: {', '.join(differ) or 'recipe'}; "
+                        f"see {record.name if record.is_file() else 'its config.json'}); choose another --out")
+    record.write_text(json.dumps({**settings, "train_args": args}, indent=2) + "\n")
+
+
+def measure_run(measurement: Measurement, variant: Variant, seed: int, out: Path,
+                children: Children | None = None) -> RunResult:
     """Train (unless finished) and score (unless scored with the same settings) one seed of one variant."""
+    children = children or Children()
     run_dir = out / variant.name / f"seed-{seed}"
     result_file = out / variant.name / f"seed-{seed}.json"
     log = out / variant.name / f"seed-{seed}.log"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     args = train_args(measurement, variant, seed, run_dir)
+    check_run_settings(run_settings(measurement, variant, seed), args, run_dir,
+                       out / variant.name / f"seed-{seed}.args.json")
     saved = json.loads(result_file.read_text()) if result_file.is_file() else None
-    if saved is not None and saved["train_args"] != args:
-        raise UserError(f"{run_dir} was trained with other settings ({' '.join(saved['train_args'])}); "
-                        "choose another --out")
     env = child_env(measurement.threads)
     final_step = final_step_reached(run_dir)
     timing: dict = {"train_seconds": None, "load_start": None, "load_mean": None, "load_end": None}
@@ -196,9 +339,11 @@ def measure_run(measurement: Measurement, variant: Variant, seed: int, out: Path
                 shutil.rmtree(run_dir)
             args_now = args
         sampler, started = LoadSampler(), time.perf_counter()
-        run_logged([*SAGAN, *args_now], log, env)
-        seconds = time.perf_counter() - started
-        load_start, load_mean, load_end = sampler.stop()
+        try:
+            run_logged([*SAGAN, *args_now], log, env, children)
+        finally:
+            seconds = time.perf_counter() - started
+            load_start, load_mean, load_end = sampler.stop()
         timing = {"train_seconds": seconds, "load_start": load_start, "load_mean": load_mean, "load_end": load_end}
         final_step = final_step_reached(run_dir)
         if final_step is None:
@@ -206,21 +351,21 @@ def measure_run(measurement: Measurement, variant: Variant, seed: int, out: Path
     elif saved is not None:
         timing = {key: saved[key] for key in timing}
         resumed = saved.get("resumed", False)
-    settings = eval_settings(measurement)
+    settings = eval_settings(measurement, variant)
     eval_file = run_dir / EVAL_FILE
     if not trained_now and saved is not None and saved["eval_settings"] == settings and eval_file.is_file():
         return RunResult(**saved)
     cmd = [*SAGAN, "eval", "--ckpt", str(run_dir / "g.safetensors"), "--data", str(run_dir / "config.json"),
-           "-n", str(measurement.samples), "--metrics", ",".join(measurement.metrics), "--json", str(eval_file), "-q"]
-    if measurement.classifier:
-        cmd += ["--classifier", measurement.classifier]
+           "-n", str(measurement.samples), "--metrics", ",".join(variant.metrics), "--json", str(eval_file), "-q"]
+    if settings["classifier"]:
+        cmd += ["--classifier", settings["classifier"]]
     if measurement.device:
         cmd += ["--device", measurement.device]
     started = time.perf_counter()
-    run_logged(cmd, log, env)
+    run_logged(cmd, log, env, children)
     scored = json.loads(eval_file.read_text())["metrics"]
     result = RunResult(variant=variant.name, seed=seed, train_args=args, eval_settings=settings,
-                       metrics={key: scored[key] for key in shown_metrics(measurement.metrics) if key in scored},
+                       metrics={key: scored[key] for key in shown_metrics(variant.metrics) if key in scored},
                        eval_seconds=time.perf_counter() - started, final_step=final_step, resumed=resumed,
                        jobs=measurement.jobs, **timing)
     result_file.write_text(json.dumps(asdict(result), indent=2) + "\n")
@@ -232,7 +377,7 @@ def shown_metrics(metrics: list[str]) -> list[str]:
 
 
 def ensure_classifier(path: Path, recipe: Path, overrides: list[str], epochs: int | None, log: Path,
-                      device: str | None = None) -> dict:
+                      device: str | None = None, children: Children | None = None) -> dict:
     """Train the classifier once (test images: the recipe's test split where it has one); return its metadata."""
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +390,7 @@ def ensure_classifier(path: Path, recipe: Path, overrides: list[str], epochs: in
             cmd += ["--epochs", str(epochs)]
         if device:
             cmd += ["--device", device]
-        run_logged(cmd, log, child_env(None))
+        run_logged(cmd, log, child_env(None), children or Children())
     from sagan_cli.evaluation.classifier import load_classifier
 
     _, info = load_classifier(path)
@@ -276,8 +421,8 @@ def machine() -> str:
 
 
 def table(measurement: Measurement, results: list[RunResult], classifier: dict | None) -> str:
-    """The markdown table: one row per run, then mean ± std (min-max) per variant and metric."""
-    keys = shown_metrics(measurement.metrics)
+    """The markdown table: one row per run, then mean ± std (min-max; n) per variant and metric."""
+    keys = shown_metrics([metric for metric in ALL_METRICS if any(metric in r.eval_settings["metrics"] for r in results)])
     lines = [f"# Quality: `{measurement.recipe}`" + (f" with {' '.join(measurement.overrides)}"
                                                        if measurement.overrides else ""), ""]
     lines.append(f"- machine: {machine()}; jobs={measurement.jobs}"
@@ -296,7 +441,7 @@ def table(measurement: Measurement, results: list[RunResult], classifier: dict |
         train = _number(result.train_seconds, 4) + (" (resumed)" if result.resumed else "")
         lines.append(f"| {result.variant} | {result.seed} | " + " | ".join(_number(result.metrics.get(k), 4) for k in keys)
                      + f" | {train} | {_number(result.eval_seconds, 3)} | {loads} |")
-    lines += ["", "| variant | n | " + " | ".join(f"{k} mean ± std (min-max)" for k in keys)
+    lines += ["", "| variant | runs | " + " | ".join(f"{k} mean ± std (min-max; n)" for k in keys)
               + " | train s mean | load mean |", "|" + " --- |" * (len(keys) + 4)]
     for variant in dict.fromkeys(r.variant for r in results):
         runs = [r for r in results if r.variant == variant]
@@ -307,7 +452,8 @@ def table(measurement: Measurement, results: list[RunResult], classifier: dict |
                 cells.append("-")
                 continue
             s = summarise(values)
-            cells.append(f"{_number(s['mean'], 4)} ± {_number(s['std'], 2)} ({_number(s['min'], 4)}-{_number(s['max'], 4)})")
+            cells.append(f"{_number(s['mean'], 4)} ± {_number(s['std'], 2)} "
+                         f"({_number(s['min'], 4)}-{_number(s['max'], 4)}; n={s['n']})")
         trains = [r.train_seconds for r in runs if r.train_seconds is not None]
         loads = [r.load_mean for r in runs if r.load_mean is not None]
         lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells)
@@ -316,12 +462,42 @@ def table(measurement: Measurement, results: list[RunResult], classifier: dict |
     return "\n".join(lines) + "\n"
 
 
-def measure(measurement: Measurement, variants: list[Variant], seeds: list[int], out: Path) -> list[RunResult]:
-    """Every (variant, seed) run, `jobs` at a time; results in variant, seed order."""
-    jobs = [(variant, seed) for variant in variants for seed in seeds]
+def measure(measurement: Measurement, variants: list[Variant], seeds: list[int], out: Path,
+            children: Children | None = None) -> list[RunResult]:
+    """Every (variant, seed) run, `jobs` at a time; results in variant, seed order.
+
+    The first failure (or Ctrl-C) ends it: queued runs never start, running ones are stopped, and the
+    first error is raised once they have exited.
+    """
+    children = children or Children()
+
+    def job(variant: Variant, seed: int) -> RunResult:
+        children.check_open(f"{variant.name} seed {seed}")  # a worker may take it before the queue is cancelled
+        try:
+            return measure_run(measurement, variant, seed, out, children)
+        except BaseException:
+            children.close()
+            raise
+
     with ThreadPoolExecutor(max_workers=measurement.jobs) as pool:
-        futures = [pool.submit(measure_run, measurement, variant, seed, out) for variant, seed in jobs]
+        futures = [pool.submit(job, variant, seed) for variant in variants for seed in seeds]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except KeyboardInterrupt:
+            _stop(pool, futures, children, interrupted=True)
+            raise
+        errors = [future.exception() for future in futures if future.done() and future.exception() is not None]
+        if errors:
+            _stop(pool, futures, children, interrupted=False)
+            raise next((error for error in errors if not isinstance(error, Stopped)), errors[0])
         return [future.result() for future in futures]
+
+
+def _stop(pool: ThreadPoolExecutor, futures: list[Future], children: Children, *, interrupted: bool) -> None:
+    for future in futures:
+        future.cancel()
+    pool.shutdown(wait=False, cancel_futures=True)
+    children.stop(interrupted=interrupted)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,31 +518,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="trainings at once, each with cores // jobs threads")
     parser.add_argument("--device", help="passed to sagan train and sagan eval")
     args = parser.parse_args(argv)
+    children = Children()
     try:
         variants = [parse_variant(text) for text in args.variant] or [Variant("recipe")]
         if len({v.name for v in variants}) != len(variants):
             raise UserError("--variant names must differ")
         if args.jobs < 1 or args.samples < 1:
             raise UserError("--jobs and --samples must be at least 1")
-        for variant in variants:  # a bad key fails now, not after an hour of training
-            load_recipe(args.recipe, [*args.overrides, *variant.overrides])
-        metrics = args.metrics.split(",") if args.metrics else choose_metrics(args.recipe, args.overrides)
+        check_seeds(args.seeds)
+        check_variants(args.recipe, args.overrides, variants, args.metrics)  # now, not after an hour of training
         out = args.out or Path("runs") / f"quality-{args.recipe.stem}"
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            for variant in variants:
+                (out / variant.name).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--out {out}: cannot make its folders ({exc.strerror or exc})") from None
         classifier = None
-        if any(m.startswith("classifier_") or m == "gan_test" for m in metrics):
+        if any(needs_classifier(variant.metrics) for variant in variants):
             classifier = ensure_classifier(args.classifier or out / "classifier.safetensors", args.recipe,
-                                           args.overrides, args.classifier_epochs, out / "classifier.log", args.device)
+                                           args.overrides, args.classifier_epochs, out / "classifier.log", args.device,
+                                           children)
         threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
-        measurement = Measurement(str(args.recipe), args.overrides, args.samples, metrics,
+        measurement = Measurement(str(args.recipe), args.overrides, args.samples,
                                   classifier and classifier["path"], args.jobs, threads, args.device)
-        results = measure(measurement, variants, args.seeds, out)
+        results = measure(measurement, variants, args.seeds, out, children)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        children.stop(interrupted=True)
+        print("error: interrupted; run the same command again to continue (finished runs are kept, "
+              "stopped trainings resume)", file=sys.stderr)
+        return 130
     text = table(measurement, results, classifier)
     (out / "table.md").write_text(text)
     print(text, end="")

@@ -327,6 +327,8 @@ def validate(recipe: Recipe) -> Recipe:
     for key in ("beta1", "beta2", "ema_decay"):
         _require(0 <= getattr(train, key) < 1, f"train.{key}", "must be in [0, 1)")
     _require(train.ema_start >= 0, "train.ema_start", "must be >= 0")
+    _require(0 <= train.seed < 2**31, "train.seed",  # process k seeds with seed + k: numpy's range is [0, 2**32)
+             f"must be in [0, 2**31) (numpy's seed range, with room for one seed per process), got {train.seed}")
     _require(train.gp_weight >= 0, "train.gp_weight", "must be >= 0")
     names = augment_policy(train.augment)
     for name in names:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_garments, write_idx
 from test_cli_errors import assert_one_error_line, run_main
-from test_train import tiny_recipe, weights
+from test_train import tiny_recipe
 
 from sagan_cli.config import AUGMENT_OPS, ModelConfig, recipe_from_dict
 from sagan_cli.errors import UserError
@@ -176,10 +176,11 @@ def grey_recipe(root, classes: int, arch: str, precision: str):
     }, name="grey")
 
 
-# Every pair of channels, conditional, arch and precision but conditional x precision (5 runs would cover it),
-# and each loss (WGAN-GP: its penalty on augmented images): 4 tiny runs
-KINDS = [(1, 3, "dcgan", "bf16", "hinge"), (1, 0, "resnet", "fp16", "wgan-gp"),
-         (3, 3, "resnet", "bf16", "nonsaturating"), (3, 0, "dcgan", "fp16", "hinge")]
+# The hinge loss trains with augmentation in every other cell of tests/test_path_matrix.py (both channel counts,
+# conditional or not, dcgan and resnet, fp32/bf16/fp16, one process and two, each followed by every command, and
+# resume 2 + 2 == 4 steps bit for bit in the one-process cells); here the two other losses (WGAN-GP: its penalty
+# on augmented images), each with a check that D sees only cut images.
+KINDS = [(1, 0, "resnet", "fp16", "wgan-gp"), (3, 3, "resnet", "bf16", "nonsaturating")]
 
 
 @pytest.mark.parametrize("channels, classes, arch, precision, loss", KINDS,
@@ -207,14 +208,6 @@ def test_training_with_augmentation_works_for_each_kind_of_model(tmp_path, chann
     assert all(torch.isfinite(p).all() for net in (result.generator, result.discriminator) for p in net.parameters())
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["augment"] == ALL
     assert (tmp_path / "run" / "g.safetensors").exists() and (tmp_path / "run" / "d.safetensors").exists()
-
-
-def test_resume_with_augmentation_is_bit_exact(tmp_path):
-    settings = {"train__augment": ALL, "train__batch_size": 4, "model__g_ch": 8, "model__d_ch": 8, "model__z_dim": 8}
-    straight = weights(run_training(tiny_recipe(**settings), tmp_path / "a"))
-    run_training(tiny_recipe(**settings, train__steps=2), tmp_path / "b")
-    resumed = weights(run_training(tiny_recipe(**settings), tmp_path / "b", resume=True))
-    assert [k for k in straight if not torch.equal(straight[k], resumed[k])] == []
 
 
 @pytest.mark.parametrize("policy, names", [("bogus", ["train.augment", "'bogus'", "color, translation, cutout"]),

@@ -275,20 +275,16 @@ def test_imported_discriminator_gives_biggans_scores(imported):
 def test_commands_run_on_an_import(imported):
     """import-biggan on the command line (and a swapped file refused in one line), then sample with truncation,
     attn-map, report and interpolate --classes on the imported model."""
-    import subprocess
-    import sys
-
+    from test_cli_errors import sagan_main
     from typer.testing import CliRunner
 
     from sagan_cli.cli import app
 
     root, out = imported["root"], imported["root"] / "cli"
-    done = subprocess.run([sys.executable, "-m", "sagan_cli", "import-biggan", "--g", str(root / "G_ema.pth"),
-                           "--d", str(root / "D.pth"), "--out", str(out)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    bad = subprocess.run([sys.executable, "-m", "sagan_cli", "import-biggan", "--g", str(root / "D.pth"),
-                          "--out", str(root / "bad")], capture_output=True, text=True)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "swap" in bad.stderr
+    code, _, err = sagan_main("import-biggan", "--g", root / "G_ema.pth", "--d", root / "D.pth", "--out", out)
+    assert code == 0, err
+    code, _, err = sagan_main("import-biggan", "--g", root / "D.pth", "--out", root / "bad")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "swap" in err, err
     for args in (["sample", "--ckpt", str(out / "g.safetensors"), "-n", "2", "--out", str(out / "s"), "--class", "3",
                   "--truncation", "0.5"],
                  ["attn-map", str(out / "s" / "000000.png"), "--ckpt", str(out / "d.safetensors"),

@@ -1,6 +1,7 @@
 """Recipes: TOML loading, --set overrides, and errors that name the offending key."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,6 +84,7 @@ def test_set_overrides(tmp_path):
     assert recipe.train.lr_d == 0.001 and recipe.train.ema is False and recipe.train.loss == "wgan-gp"
     assert recipe.eval.metrics == ["fid", "kid"]
     assert load_recipe(path, ["model.resolution=64", "model.d_attention=[32]"]).model.resolution == 64
+    assert load_recipe(path, ["train.seed=2147483647"]).train.seed == 2**31 - 1  # the largest (+ rank stays < 2**32)
     # an override for a table the file does not have
     assert load_recipe(write(tmp_path, "", "empty.toml"), ["model.num_classes=3"]).model.num_classes == 3
 
@@ -91,7 +93,8 @@ def test_set_overrides(tmp_path):
     "override, key",
     [("train.steps=ten", "train.steps"), ("train.steps=true", "train.steps"), ("model.arch=vgg", "model.arch"),
      ("train.nope=1", "train.nope"), ("steps=10", "table.key=value"), ("train.steps", "table.key=value"),
-     ("model.g_attention=[3]", "model.g_attention")],
+     ("model.g_attention=[3]", "model.g_attention"), ("train.seed=-1", "train.seed"),
+     ("train.seed=2147483648", "train.seed")],
 )
 def test_bad_overrides_name_the_key(tmp_path, override, key):
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
@@ -130,7 +133,7 @@ def test_recipe_printing_shows_square_brackets_verbatim(tmp_path, path):
 
     recipe = recipe_from_dict({"data": {"kind": "folder", "path": path}}, name="x[/]")
     out = io.StringIO()
-    print_recipe(recipe, tmp_path / "run [1]", Console(file=out, width=300))
+    print_recipe(recipe, Path("runs/run [1]"), Console(file=out, width=300))  # short: a long tmp path wraps
     assert path in out.getvalue() and "run [1]" in out.getvalue() and "'x[/]'" in out.getvalue()
 
 

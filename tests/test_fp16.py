@@ -4,13 +4,12 @@ scaling on the CPU: it trains, resumes bit-exactly, and the scalers' start-up ov
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
 from rich.console import Console
+from test_cli_errors import sagan_main
 from test_train import tiny_recipe, weights
 
 from sagan_cli.errors import UserError
@@ -35,9 +34,8 @@ def test_an_unavailable_device_is_refused_in_one_line_before_anything_is_written
     recipe.write_text('[train]\nsteps = 1\n[model]\nresolution = 32\ng_ch = 16\nd_ch = 16\ng_attention = [16]\n'
                       'd_attention = [8]\n')
     for device, words in (("mps", "--device mps is not available"), ("cuda:1", "device type"), ("gpu0", "not a device")):
-        out = subprocess.run([sys.executable, "-m", "sagan_cli", "train", str(recipe), "--out", str(tmp_path / "run"),
-                              "--device", device], capture_output=True, text=True)
-        assert out.returncode == 2 and out.stderr.count("\n") == 1 and words in out.stderr, out.stderr
+        code, _, err = sagan_main("train", recipe, "--out", tmp_path / "run", "--device", device)
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
         assert not (tmp_path / "run").exists()
 
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli_errors import sagan_main
 
 from sagan_cli.config import ModelConfig
 from sagan_cli.inspection.interpolate import interpolate, noise_path, slerp
@@ -102,10 +101,6 @@ def test_class_interpolation_ends_at_the_class_samples(ckpts: dict[str, Path], t
         assert webp.n_frames == 4
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sagan_cli", *args], capture_output=True, text=True)
-
-
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("which", ["g", "cond"])
 def test_export_matches_the_generator(fmt: str, which: str, ckpts: dict[str, Path], tmp_path: Path):
@@ -134,9 +129,9 @@ def test_export_matches_the_generator(fmt: str, which: str, ckpts: dict[str, Pat
 
 
 def test_export_cli_prints_the_difference(ckpts: dict[str, Path], tmp_path: Path):
-    done = _cli("export", "--ckpt", str(ckpts["g"]), "--format", "torchscript", "--out", str(tmp_path / "g.pt"))
-    assert done.returncode == 0, done.stderr
-    assert "max |difference| to the original" in done.stdout and (tmp_path / "g.pt").is_file()
+    code, out, err = sagan_main("export", "--ckpt", ckpts["g"], "--format", "torchscript", "--out", tmp_path / "g.pt")
+    assert code == 0, err
+    assert "max |difference| to the original" in out and (tmp_path / "g.pt").is_file()
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -167,10 +162,10 @@ def test_export_of_a_grayscale_generator_draws_one_channel(tmp_path: Path):
     torch.manual_seed(0)
     ckpt = save_model(tmp_path / "grey.safetensors",
                       _trained_looking(Generator(ModelConfig(**TINY, num_classes=3, channels=1))), step=1)
-    done = _cli("export", "--ckpt", str(ckpt), "--format", "torchscript", "--out", str(tmp_path / "g.pt"),
-                "--check", "2")
-    assert done.returncode == 0, done.stderr
-    assert "batch sizes 2 (traced) and 3" in done.stdout
+    code, out, err = sagan_main("export", "--ckpt", ckpt, "--format", "torchscript", "--out", tmp_path / "g.pt",
+                                "--check", 2)
+    assert code == 0, err
+    assert "batch sizes 2 (traced) and 3" in out
     module = torch.jit.load(str(tmp_path / "g.pt"))
     with torch.no_grad():
         assert module(make_noise(4, 16, seed=0), torch.arange(4) % 3).shape == (4, 1, 32, 32)

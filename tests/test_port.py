@@ -7,13 +7,12 @@ divides by sigma = u.(W v); BatchNorm in eval mode; Self_Attn y = x + gamma * v 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cli_errors import sagan_main
 
 from sagan_cli.interchange.checkpoint import load_model, read_info
 from sagan_cli.model.generation import make_noise
@@ -136,8 +135,6 @@ def ref_discriminator(state: dict, x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, state["last.0.weight"], state["last.0.bias"]).squeeze()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sagan_cli", *args], capture_output=True, text=True)
 
 
 def test_the_reference_states_have_the_ports_real_widths():
@@ -165,8 +162,8 @@ def imported(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     prefix = "module." if request.param.startswith("dataparallel") else ""
     torch.save({prefix + k: v for k, v in g_state.items()}, root / "G.pth")
     torch.save({prefix + k: v for k, v in d_state.items()}, root / "D.pth")
-    done = _cli("import-port", "--g", str(root / "G.pth"), "--d", str(root / "D.pth"), "--out", str(root / "out"))
-    assert done.returncode == 0, done.stderr
+    code, _, err = sagan_main("import-port", "--g", root / "G.pth", "--d", root / "D.pth", "--out", root / "out")
+    assert code == 0, err
     return {"root": root, "g_state": g_state, "d_state": d_state, "out": root / "out", "counter": counter}
 
 

@@ -10,8 +10,6 @@ conv and `sigma` as the residual weight, and a projection head. Widths are tiny;
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cli_errors import sagan_main
 from typer.testing import CliRunner
 
 from sagan_cli.cli import app
@@ -360,12 +359,10 @@ def test_commands_run_on_an_import(imported_cli: Path):
 def imported_cli(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     _save(root, "imagenet128-embed")  # the case: StudioGAN's ImageNet 128 layout (tiny widths), 2020 cBN
-    done = subprocess.run([sys.executable, "-m", "sagan_cli", "import-studiogan", "--g", str(root / "G.pth"),
-                           "--d", str(root / "D.pth"), "--out", str(root / "out")], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    bad = subprocess.run([sys.executable, "-m", "sagan_cli", "import-studiogan", "--g", str(root / "D.pth"),
-                          "--out", str(root / "bad")], capture_output=True, text=True)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    code, _, err = sagan_main("import-studiogan", "--g", root / "G.pth", "--d", root / "D.pth", "--out", root / "out")
+    assert code == 0, err
+    code, _, err = sagan_main("import-studiogan", "--g", root / "D.pth", "--out", root / "bad")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     return root / "out"
 
 

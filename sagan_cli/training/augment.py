@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 from sagan_cli.config import augment_policy
 
-TRANSLATION_FRACTION = 1 / 8  # the largest shift, as a fraction of the image size (the paper's)
-CUTOUT_FRACTION = 1 / 2  # the side of the zeroed square, as a fraction of the image size (the paper's)
+TRANSLATION_FRACTION = 1 / 8  # the largest shift, as a fraction of the image size (the paper's ratio; whole pixels,
+# rounded down)
+CUTOUT_FRACTION = 1 / 2  # the side of the zeroed square, as a fraction of the image size (the paper's ratio; the
+# square stays wholly inside the image, where the paper's may cross the border)
 
 
 def _uniform(images: torch.Tensor, low: float, high: float) -> torch.Tensor:
