@@ -1,6 +1,6 @@
 """Kill a 2-process (gloo, CPU) training run with SIGKILL at random moments, resume after each kill, and compare
 the result with an uninterrupted 2-process run (issues 18 and 22). Prints a table (not a test; the short version
-is tests/test_run_lock.py, which imports this harness).
+is tests/training/test_run_lock.py, which imports this harness).
 
   python benchmarks/kill_resume.py --kill launcher --kills 5   # SIGKILL to torchrun alone (its workers must follow)
   python benchmarks/kill_resume.py --kill group --kills 5      # SIGKILL to torchrun and every worker at once

@@ -38,9 +38,8 @@ import numpy as np
 import pytest
 import torch
 from filelock import FileLock
+from helpers import exported_output, run_main
 from PIL import Image
-from test_cli_errors import run_main
-from test_interpolate_export import exported_output
 
 FACTORS: dict[str, tuple] = {
     "channels": (1, 3),
@@ -553,7 +552,7 @@ PORT_CELL = Cell(3, 0, "dcgan", "seed", 64, "fp32", 1)  # what import-port makes
 
 def port_steps(ctx: Context, *, torch03: bool) -> list:
     """import-port, then every command. torch03: state dicts as PyTorch 0.3 saved them (no num_batches_tracked)."""
-    from test_port import port_discriminator_state, port_generator_state
+    from port_weights import port_discriminator_state, port_generator_state
 
     root = ctx.root
     g_state, d_state = port_generator_state(), port_discriminator_state()
@@ -627,9 +626,9 @@ BROWSER_CELLS = [next(c.id for c in CELLS if c.channels == channels and c.attent
 
 @pytest.mark.parametrize("name", BROWSER_CELLS)
 def test_report_in_a_browser(name: str, shared_root: Path, capsys, monkeypatch, tmp_path: Path):
-    from test_report import _browser  # skips without chromium and chromedriver
+    from helpers import open_browser  # skips without chromium and chromedriver
 
-    browser = _browser(tmp_path)
+    browser = open_browser(tmp_path)
     try:
         results, root = cell_results(name, shared_root, capsys, monkeypatch)
         assert results.get("report") == "ok", f"{name} report: {results.get('report')}"

@@ -9,8 +9,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_garments, write_idx
-from test_cli_errors import assert_one_error_line, run_main
-from test_train import tiny_recipe
+from helpers import assert_one_error_line, run_main, tiny_recipe
 
 from sagan_cli.config import AUGMENT_OPS, ModelConfig, recipe_from_dict
 from sagan_cli.errors import UserError

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch_fidelity
+from helpers import (
+    frechet,  # the independent Frechet distance
+    run_main,
+)
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from test_cli_errors import run_main
 from torch_fidelity.noise import random_normal
 from torch_fidelity.utils import create_feature_extractor
 
@@ -38,9 +40,6 @@ from sagan_cli.evaluation.metrics import evaluate_generator
 from sagan_cli.interchange.checkpoint import save_model
 from sagan_cli.model.generation import to_uint8
 from sagan_cli.model.models import Generator
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_metrics import frechet  # noqa: E402 - the independent Frechet distance
 
 TINY = dict(resolution=32, g_ch=16, d_ch=16, z_dim=16, g_attention=[16], d_attention=[8])
 DATA = DataConfig(kind="synthetic", synthetic_size=90)

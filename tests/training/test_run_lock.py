@@ -18,7 +18,7 @@ import pytest
 from sagan_cli.errors import UserError
 from sagan_cli.training.run_lock import RunLock
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import kill_resume as harness  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="the harness reads /proc")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IdxSet, idx_bytes, tiny_garments, write_idx
-from test_cli_errors import assert_one_error_line, run_main
+from helpers import assert_one_error_line, run_main
 
 RECIPE = """\
 [data]

@@ -7,8 +7,6 @@ once); a handful run `python -m sagan_cli` in subprocesses, in parallel, to chec
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -22,12 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_error_line, run_main
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from sagan_cli import __version__
-from sagan_cli.cli import app, main
+from sagan_cli.cli import app
 from sagan_cli.config import ModelConfig, load_recipe
 from sagan_cli.interchange.checkpoint import save_model
 from sagan_cli.model.models import Discriminator, Generator
@@ -331,47 +330,6 @@ def fill(text: str, paths: dict[str, Path]) -> str:
         text = text.replace("{" + name + "}", str(path))
     assert "{" not in text, text
     return text
-
-
-def run_main(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    """The real `sagan` entry point, in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["sagan", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    capsys.readouterr()
-    try:
-        main()
-        code = 0  # success returns normally (standalone_mode=False)
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def sagan_main(*args: object) -> tuple[int, str, str]:
-    """`sagan ARGS` through the real entry point in this process, without pytest fixtures (module-scoped ones
-    may call it): (exit code, stdout, stderr). Half a second instead of a new interpreter importing torch."""
-    stdout, stderr, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ["sagan", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code or 0
-    finally:
-        sys.argv = argv
-    return code, stdout.getvalue(), stderr.getvalue()
-
-
-def assert_one_error_line(code: int, out: str, err: str, names: list[str]) -> None:
-    assert "Traceback" not in out + err, out + err
-    lines = err.splitlines()
-    assert code == 2, (code, out, err)
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: ") and len(lines[0]) > len("error: "), err
-    for name in names:
-        assert name in lines[0], f"{name!r} not named in {lines[0]!r}"
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_cli_errors import sagan_main
+from helpers import sagan_main
 from typer.testing import CliRunner
 
 from sagan_cli.cli import app

@@ -184,7 +184,7 @@ def test_discriminator_checkpoint_is_refused_by_the_real_script(ckpts: dict[str,
 
 def test_readme_states_what_the_code_does() -> None:
     """Three README claims that were wrong (issue 18): checked against the code's behaviour where cheap."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
     # fp16: step.py keeps one GradScaler per network
     assert "one scaler for both optimizers" not in readme and "one scaler per network" in readme
     # sampling: only the same batch size is byte-identical (test_batch_size_does_not_change_the_images allows 1 level)

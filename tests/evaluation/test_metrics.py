@@ -18,11 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 import torch_fidelity
+from helpers import frechet, run_main
 from PIL import Image
-from test_cli_errors import run_main
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -93,19 +92,6 @@ def shapes(folder: Path, count: int, seed: int) -> Path:
 def sagan(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: object) -> tuple[int, str, str]:
     """Run the real entry point in-process: (exit code, stdout, stderr)."""
     return run_main([str(a) for a in args], capsys, monkeypatch)
-
-
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance of Gaussians fitted to feature rows, derived independently of torch-fidelity.
-
-    With n < d samples, tr sqrt(Ca Cb) is the nuclear norm of Xa Xb^T / sqrt((n-1)(m-1)) for the
-    centred feature matrices (the square roots of the eigenvalues of Ca Cb are its singular values),
-    which is exact and takes milliseconds where scipy.linalg.sqrtm on 2048 x 2048 takes minutes here.
-    """
-    xa, xb = a - a.mean(0), b - b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    nuclear = scipy.linalg.svdvals(xa @ xb.T).sum() / np.sqrt((len(a) - 1) * (len(b) - 1))
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * nuclear)
 
 
 @pytest.mark.slow

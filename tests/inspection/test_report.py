@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import open_browser
 
 from sagan_cli.config import recipe_from_dict
 from sagan_cli.inspection.report import build_report, read_log
@@ -159,29 +160,13 @@ def test_cli_writes_the_page(run_dir: Path, tmp_path: Path):
 
 # ---- the page in a real browser (Debian's chromium + chromium-driver, driven by selenium) ----
 
-def _browser(tmp_path: Path):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync", "--window-size=1280,1400",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = webdriver.ChromeService(executable_path=driver_path)
-    return webdriver.Chrome(options=options, service=service)
-
 
 def test_page_in_a_real_browser(page: Path, tmp_path: Path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser = _browser(tmp_path)
+    browser = open_browser(tmp_path)
     try:
         browser.get(page.resolve().as_uri())
         layers = browser.find_element(By.ID, "layers")

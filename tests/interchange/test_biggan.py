@@ -275,7 +275,7 @@ def test_imported_discriminator_gives_biggans_scores(imported):
 def test_commands_run_on_an_import(imported):
     """import-biggan on the command line (and a swapped file refused in one line), then sample with truncation,
     attn-map, report and interpolate --classes on the imported model."""
-    from test_cli_errors import sagan_main
+    from helpers import sagan_main
     from typer.testing import CliRunner
 
     from sagan_cli.cli import app
@@ -347,7 +347,7 @@ def test_the_recipe_is_the_imported_architecture(imported):
     from sagan_cli.config import load_recipe
     from sagan_cli.interchange.checkpoint import read_info
 
-    recipe = load_recipe(Path(__file__).parent.parent / "recipes" / "biggan128.toml").model.to_dict()
+    recipe = load_recipe(Path(__file__).parents[2] / "recipes" / "biggan128.toml").model.to_dict()
     config = read_info(imported["out"] / "g.safetensors").config.to_dict()
     differ = {key for key in recipe if recipe[key] != config[key]}
     assert differ <= {"num_classes", "g_ch", "d_ch", "shared_embedding", "init"}, differ

@@ -14,38 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, tiny_recipe, weights
 from safetensors.torch import load_file
 
-from sagan_cli.config import recipe_from_dict
 from sagan_cli.errors import UserError
 from sagan_cli.interchange.checkpoint import load_model, read_info
 from sagan_cli.model.models import Discriminator, Generator, gammas
 from sagan_cli.training.batches import batch_indices
 from sagan_cli.training.loop import run_training
 from sagan_cli.training.state import latest_state
-
-TINY = {
-    "data": {"kind": "synthetic", "synthetic_size": 64},
-    "model": {"resolution": 32, "g_ch": 16, "d_ch": 16, "g_attention": [16], "d_attention": [8]},
-    "train": {"steps": 4, "batch_size": 8, "checkpoint_every": 2, "sample_every": 2, "log_every": 1,
-              "ema_start": 1, "sample_grid": 4},
-}
-
-
-def tiny_recipe(**overrides):
-    raw = json.loads(json.dumps(TINY))
-    for dotted, value in overrides.items():
-        table, key = dotted.split("__")
-        raw.setdefault(table, {})[key] = value
-    return recipe_from_dict(raw, name="tiny")
-
-
-def weights(result) -> dict[str, torch.Tensor]:
-    tensors = {f"g.{k}": v for k, v in result.generator.state_dict().items()}
-    tensors.update({f"d.{k}": v for k, v in result.discriminator.state_dict().items()})
-    if result.ema is not None:
-        tensors.update({f"ema.{k}": v for k, v in result.ema.state_dict().items()})
-    return {k: v.detach().clone() for k, v in tensors.items()}
 
 
 def test_batch_order_is_a_function_of_position():
@@ -484,7 +461,7 @@ def test_a_state_written_by_another_release_is_refused(tmp_path, two_step_run, v
 
 
 def test_a_damaged_state_is_one_error_line_on_the_command_line(tmp_path, two_step_run):
-    from test_cli_errors import sagan_main
+    from helpers import sagan_main
 
     run = copy_run(two_step_run, tmp_path / "run")
     (latest_state(run / "state") / "progress.json").write_text('{"step": [1]}')

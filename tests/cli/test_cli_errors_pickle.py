@@ -43,7 +43,7 @@ def plant(path: Path, marker: Path) -> None:
 
 
 def sagan(*args: object) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
     return subprocess.run([sys.executable, "-m", "sagan_cli", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=300)
 
@@ -113,7 +113,7 @@ def test_checkpoints_given_to_commands_are_never_unpickled(run: Path, tmp_path: 
 def test_eval_feature_cache_entries_are_never_unpickled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture) -> None:
     """The cache files sagan reads (its safetensors entries) hold a pickle: they are rebuilt, nothing runs."""
-    from test_cli_errors import run_main
+    from helpers import run_main
 
     from sagan_cli.evaluation.classifier import Classifier, ClassifierConfig, save_classifier
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import exported_output, sagan_main
 from PIL import Image
-from test_cli_errors import sagan_main
 
 from sagan_cli.config import ModelConfig
 from sagan_cli.inspection.interpolate import interpolate, noise_path, slerp
@@ -171,14 +171,3 @@ def test_export_of_a_grayscale_generator_draws_one_channel(tmp_path: Path):
         assert module(make_noise(4, 16, seed=0), torch.arange(4) % 3).shape == (4, 1, 32, 32)
 
 
-def exported_output(path, fmt: str, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    """What an exported generator (ONNX through onnxruntime, or TorchScript) draws for z (and labels y)."""
-    if fmt == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        feed = {"z": z.numpy()} | ({"y": y.numpy()} if y is not None else {})
-        return torch.from_numpy(session.run(None, feed)[0])
-    module = torch.jit.load(str(path))
-    with torch.no_grad():
-        return module(z, y) if y is not None else module(z)

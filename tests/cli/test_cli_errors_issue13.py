@@ -1,6 +1,6 @@
 """report, interpolate, import-port and export fed bad input: exit 2, one `error:` line, no traceback.
 
-Runs the real entry point in this process (see test_cli_errors.py for the pattern).
+Runs the real entry point in this process (see tests/helpers.py, `run_main`, for the pattern).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli_errors import run_main
+from helpers import run_main
 
 from sagan_cli.config import ModelConfig
 from sagan_cli.interchange.checkpoint import save_model

@@ -8,9 +8,8 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import sagan_main, tiny_recipe, weights
 from rich.console import Console
-from test_cli_errors import sagan_main
-from test_train import tiny_recipe, weights
 
 from sagan_cli.errors import UserError
 from sagan_cli.model.losses import gradient_penalty

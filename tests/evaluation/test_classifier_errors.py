@@ -1,7 +1,7 @@
 """`sagan classifier train` and `sagan eval --classifier`, fed bad input: exit code 2, one `error:` line.
 
 The classifiers here are saved untrained (no training needed to be refused); the cases run the
-real entry point in this process, as tests/test_cli_errors.py does.
+real entry point in this process, as tests/cli/test_cli_errors.py does.
 """
 
 from __future__ import annotations
