@@ -42,16 +42,39 @@ def plant(path: Path, marker: Path) -> None:
     torch.save(Payload(marker), path)
 
 
-def sagan(*args: object) -> subprocess.CompletedProcess:
+# Runs `sagan` commands one after the other in a fresh process: [[exit code, stderr], ...] as JSON.
+_COMMANDS = """
+import contextlib, io, json, sys
+from sagan_cli.cli import main
+done = []
+for args in json.loads(sys.argv[1]):
+    sys.argv, err = ["sagan", *args], io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+    done.append([code, err.getvalue()])
+print(json.dumps(done))
+"""
+
+
+def sagan(*commands: list[object]) -> list[tuple[int, str]]:
+    """The real command line in a fresh process (nothing this test process loaded or registered helps it),
+    several commands in the one process: one `import torch` instead of one per command. (exit code, stderr) each."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    return subprocess.run([sys.executable, "-m", "sagan_cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _COMMANDS, json.dumps([list(map(str, c)) for c in commands])],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]  # a traceback ends the process
+    return [tuple(result) for result in json.loads(done.stdout.splitlines()[-1])]
 
 
-def assert_refused(done: subprocess.CompletedProcess, marker: Path) -> None:
+def assert_refused(done: tuple[int, str], marker: Path) -> None:
+    code, stderr = done
     assert not marker.exists(), "a planted pickle was executed"
-    assert done.returncode == 2, done.stderr[-800:]
-    assert done.stderr.startswith("error: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr[-800:]
+    assert code == 2, stderr[-800:]
+    assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr[-800:]
 
 
 def test_the_payload_does_run_when_unpickled(tmp_path: Path) -> None:
@@ -91,7 +114,8 @@ def test_resume_never_unpickles_its_state_files(run: Path, tmp_path: Path, name:
         run_training(recipe, copy, resume=True)
     assert not marker.exists()
     if name == "models.safetensors":  # and once through the command line
-        assert_refused(sagan("train", run / "tiny.toml", "--out", copy, "--resume", "--set", "train.steps=2"), marker)
+        [done] = sagan(["train", run / "tiny.toml", "--out", copy, "--resume", "--set", "train.steps=2"])
+        assert_refused(done, marker)
 
 
 def test_checkpoints_given_to_commands_are_never_unpickled(run: Path, tmp_path: Path) -> None:
@@ -101,13 +125,16 @@ def test_checkpoints_given_to_commands_are_never_unpickled(run: Path, tmp_path: 
     plant(hostile_pth, marker)
     photo = tmp_path / "photo.png"
     Image.new("RGB", (32, 32), (200, 20, 20)).save(photo)
-    for args in (["sample", "--ckpt", hostile, "-n", 1, "--out", tmp_path / "s"],
-                 ["attn-map", photo, "--ckpt", hostile, "--out", tmp_path / "a.png"],
-                 ["eval", "--ckpt", hostile, "--data", run / "tiny.toml", "--metrics", "structure", "-n", 8],
-                 ["import-port", "--g", hostile, "--out", tmp_path / "port"],
-                 ["import-port", "--d", hostile_pth, "--out", tmp_path / "port"],
-                 ["import-port", "--g", hostile_pth, "--d", hostile, "--out", tmp_path / "port"]):
-        assert_refused(sagan(*args), marker)
+    commands = (["sample", "--ckpt", hostile, "-n", 1, "--out", tmp_path / "s"],
+                ["attn-map", photo, "--ckpt", hostile, "--out", tmp_path / "a.png"],
+                ["eval", "--ckpt", hostile, "--data", run / "tiny.toml", "--metrics", "structure", "-n", 8],
+                ["import-port", "--g", hostile, "--out", tmp_path / "port"],
+                ["import-port", "--d", hostile_pth, "--out", tmp_path / "port"],
+                ["import-port", "--g", hostile_pth, "--d", hostile, "--out", tmp_path / "port"])
+    results = sagan(*commands)
+    assert len(results) == len(commands)
+    for done in results:
+        assert_refused(done, marker)  # the marker: made by any of the commands
 
 
 def test_eval_feature_cache_entries_are_never_unpickled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

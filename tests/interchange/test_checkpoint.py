@@ -131,9 +131,28 @@ def _with_metadata(src, dst, **changes):
     return dst
 
 
-def _limited_cli(*args, gigabytes: int = 20):
-    """The real command line in a process that may map at most 20 GB: before the bounds, the absurd sizes
-    below allocated until the process died (or the machine did)."""
+# Runs `sagan` commands one after the other in this (memory-limited) process: [[exit code, stderr], ...] as JSON.
+_COMMANDS = """
+import contextlib, io, json, sys
+from sagan_cli.cli import main
+done = []
+for args in json.loads(sys.argv[1]):
+    sys.argv, err = ["sagan", *args], io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+    done.append([code, err.getvalue()])
+print(json.dumps(done))
+"""
+
+
+def _limited_cli(*commands, gigabytes: int = 20) -> list[tuple[int, str]]:
+    """The real command line in one process that may map at most 20 GB: before the bounds, the absurd sizes
+    below allocated until the process died (or the machine did). Several commands share the process (and its
+    limit): one `import torch` instead of one per command. (exit code, stderr) for each."""
     import resource
     import subprocess
     import sys
@@ -141,8 +160,10 @@ def _limited_cli(*args, gigabytes: int = 20):
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (gigabytes * 2**30, gigabytes * 2**30))
 
-    return subprocess.run([sys.executable, "-m", "sagan_cli", *map(str, args)], capture_output=True, text=True,
-                          preexec_fn=limit, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _COMMANDS, json.dumps([list(map(str, c)) for c in commands])],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]  # a crash (out of memory, a traceback) ends the process
+    return [tuple(result) for result in json.loads(done.stdout.splitlines()[-1])]
 
 
 @pytest.mark.parametrize("field, value", [("num_classes", 10**11), ("num_classes", 10**8), ("z_dim", 10**9),
@@ -160,13 +181,13 @@ def test_absurd_sizes_in_a_checkpoint_are_refused_before_any_allocation(tmp_path
     from PIL import Image
 
     Image.new("RGB", (32, 32), (10, 200, 30)).save(photo)
-    for args in (["sample", "--ckpt", tmp_path / "g-bad.safetensors", "-n", 1, "--out", tmp_path / "s"],
-                 ["attn-map", photo, "--ckpt", tmp_path / "d-bad.safetensors", "--out", tmp_path / "a.png"],
-                 ["export", "--ckpt", tmp_path / "g-bad.safetensors", "--format", "torchscript"]):
-        done = _limited_cli(*args)
-        assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1, \
-            (args[0], done.returncode, done.stderr[-500:])
-        assert f"model.{field} = {value}" in done.stderr
+    commands = (["sample", "--ckpt", tmp_path / "g-bad.safetensors", "-n", 1, "--out", tmp_path / "s"],
+                ["attn-map", photo, "--ckpt", tmp_path / "d-bad.safetensors", "--out", tmp_path / "a.png"],
+                ["export", "--ckpt", tmp_path / "g-bad.safetensors", "--format", "torchscript"])
+    for args, (code, stderr) in zip(commands, _limited_cli(*commands), strict=True):
+        assert code == 2 and stderr.startswith("error: ") and len(stderr.splitlines()) == 1, \
+            (args[0], code, stderr[-500:])
+        assert f"model.{field} = {value}" in stderr
 
 
 @pytest.mark.parametrize("field, value", [("width", 10**9), ("num_classes", 10**10), ("resolution", 10**6),
@@ -190,7 +211,6 @@ def test_metadata_within_the_limits_but_not_matching_the_tensors_allocates_nothi
     good = save_model(tmp_path / "g.safetensors", g, step=1)
     bad = _with_metadata(good, tmp_path / "g-big.safetensors", arch="resnet", resolution=128, g_ch=1024, d_ch=1024,
                          num_classes=100_000, g_attention=[], d_attention=[])
-    done = _limited_cli("sample", "--ckpt", bad, "-n", 1, "--out", tmp_path / "s", gigabytes=6)
-    assert done.returncode == 2 and done.stderr.startswith("error: ") and len(done.stderr.splitlines()) == 1, \
-        (done.returncode, done.stderr[-500:])
-    assert "do not match its model config" in done.stderr
+    [(code, stderr)] = _limited_cli(["sample", "--ckpt", bad, "-n", 1, "--out", tmp_path / "s"], gigabytes=6)
+    assert code == 2 and stderr.startswith("error: ") and len(stderr.splitlines()) == 1, (code, stderr[-500:])
+    assert "do not match its model config" in stderr
