@@ -315,15 +315,24 @@ def test_conditional_synthetic_reference_has_the_class_colours(tmp_path, weights
     assert conditional["fid"] != grey["fid"]
 
 
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(a folder of colour images, a feature cache) shared by both grayscale tests: the reference features are
+    the same for the two, so the second reads them from the first one's cache (caching is tested above)."""
+    root = tmp_path_factory.mktemp("colour")
+    return shapes(root / "real", 6, seed=3), root / "cache"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("as_png", [False, True])
-def test_grayscale_samples_meet_a_grayscale_reference(tmp_path, weights, monkeypatch, capsys, as_png):
+def test_grayscale_samples_meet_a_grayscale_reference(tmp_path, weights, monkeypatch, capsys, as_png, colour_folder):
     """A grayscale model's samples (its .npz or 'L' PNGs) against a folder of colour images: the reference
     is read in grayscale as the model reads it, so the folder's own pixels in grayscale score FID 0 (issue 18)."""
     from sagan_cli.data.datasets import image_to_tensor, open_image
     from sagan_cli.model.generation import to_uint8
 
-    real = shapes(tmp_path / "real", 6, seed=3)
+    real, cache = colour_folder
+    monkeypatch.setenv("SAGAN_CACHE", str(cache))
     grey = np.stack([to_uint8(image_to_tensor(open_image(p), 32, channels=1)).permute(1, 2, 0).numpy()
                      for p in sorted(real.glob("*.png"))])
     if as_png:
