@@ -6,7 +6,8 @@ that cover every PAIR of values of channels x classes x arch x attention x resol
 CLI runs what a user would: train, train longer with --resume, sample (PNG, npz), classifier train,
 eval (structure scores on synthetic data, classifier metrics from the checkpoint and from the npz),
 attn-map (G and D checkpoints), report, interpolate (seeds; classes when conditional) and export
-(ONNX, TorchScript, each checked at three batch sizes: two by `--check`, one here). Two cells train in two processes. Two more
+(ONNX or TorchScript, in turns; both for the port cells; each checked at three batch sizes: two by `--check`,
+one here). Two cells train in two processes. Two more
 cells start from the popular port's state dicts (`sagan import-port`) and go through the same commands.
 
 A cell's commands run once per session, in one test or in whichever test needs the cell first (the
@@ -62,6 +63,7 @@ class Cell(NamedTuple):
     precision: str
     procs: int = 1  # 2: train and resume under torchrun (MULTI_CPU); see with_processes()
     augment: bool = False  # train.augment = AUGMENT (DiffAugment) on; see with_augment()
+    export: str = "onnx,torchscript"  # the formats `sagan export` writes and checks; see with_export()
 
     @property
     def id(self) -> str:
@@ -112,8 +114,22 @@ def with_augment(cells: list[Cell]) -> list[Cell]:
     return [c._replace(augment=i % 2 == 0) for i, c in enumerate(cells)]
 
 
+def with_export(cells: list[Cell]) -> list[Cell]:
+    """One export format per cell (an export and its checks cost ~8 s a format): the first split of the cells,
+    half and half, in which each format meets every value of every factor (test_export_formats_meet_every_value);
+    the port cells export both, and tests/inspection/test_interpolate_export.py checks both formats on their own."""
+    names = [*FACTORS, "procs", "augment"]
+    wanted = {name: {getattr(c, name) for c in cells} for name in names}
+    for onnx in combinations(range(len(cells)), len(cells) // 2):
+        split = [c._replace(export="onnx" if i in onnx else "torchscript") for i, c in enumerate(cells)]
+        if all({getattr(c, name) for c in split if c.export == fmt} == wanted[name]
+               for fmt in ("onnx", "torchscript") for name in names):
+            return split
+    raise AssertionError("no split of the cells gives each export format every value")
+
+
 AUGMENT = "color,translation,cutout"
-CELLS = with_augment(with_processes([Cell(*row) for row in all_pairs(FACTORS)]))
+CELLS = with_export(with_augment(with_processes([Cell(*row) for row in all_pairs(FACTORS)])))
 
 
 def test_cells_cover_every_pair():
@@ -128,6 +144,13 @@ def test_cells_cover_every_pair():
     assert len(CELLS) <= 12, f"{len(CELLS)} cells: the matrix should stay small"
     multi = [c for c in CELLS if c.procs == 2]
     assert {c.channels for c in multi} == {1, 3} and {c.precision for c in multi} == {"bf16", "fp16"}
+
+
+def test_export_formats_meet_every_value():
+    for fmt in ("onnx", "torchscript"):
+        cells = [c for c in CELLS if c.export == fmt]
+        for name, values in [*FACTORS.items(), ("procs", (1, 2)), ("augment", (True, False))]:
+            assert {getattr(c, name) for c in cells} == set(values), f"export {fmt}: {name} misses values"
 
 
 def test_augmented_cells_meet_every_value():
@@ -499,9 +522,8 @@ def model_steps(ctx: Context, *, g: Path, d: Path, data: Path, classifier_recipe
         ("attn-map-d", attn_map("d"), (trained, "sample-png")),
         ("report", report, (trained,)),
         ("interpolate", interpolate, (trained,)),
-        ("export-onnx", export("onnx"), (trained,)),
-        ("export-torchscript", export("torchscript"), (trained,)),
     ]
+    steps += [(f"export-{fmt}", export(fmt), (trained,)) for fmt in cell.export.split(",")]
     return steps
 
 
