@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -139,3 +140,31 @@ def open_browser(tmp_path: Path):
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = webdriver.ChromeService(executable_path=driver_path)
     return webdriver.Chrome(options=options, service=service)
+
+
+# Runs `sagan` commands one after the other in one fresh process: [[exit code, stderr], ...] as JSON.
+_COMMANDS = """
+import contextlib, io, json, sys
+from sagan_cli.cli import main
+done = []
+for args in json.loads(sys.argv[1]):
+    sys.argv, err = ["sagan", *args], io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+    done.append([code, err.getvalue()])
+print(json.dumps(done))
+"""
+
+
+def sagan_in_one_process(*commands: list[object], preexec_fn=None, env: dict | None = None) -> list[tuple[int, str]]:
+    """The real command line in a fresh process (nothing this test process loaded helps it), several commands
+    in that one process: one `import torch` instead of one per command. (exit code, stderr) for each; a crash
+    (a traceback, running out of memory under `preexec_fn`'s limits) ends the process and fails the test."""
+    done = subprocess.run([sys.executable, "-c", _COMMANDS, json.dumps([list(map(str, c)) for c in commands])],
+                          capture_output=True, text=True, preexec_fn=preexec_fn, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]
+    return [tuple(result) for result in json.loads(done.stdout.splitlines()[-1])]

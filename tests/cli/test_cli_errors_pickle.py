@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import sagan_in_one_process
 from PIL import Image
 
 from sagan_cli.config import ModelConfig
@@ -42,32 +41,10 @@ def plant(path: Path, marker: Path) -> None:
     torch.save(Payload(marker), path)
 
 
-# Runs `sagan` commands one after the other in a fresh process: [[exit code, stderr], ...] as JSON.
-_COMMANDS = """
-import contextlib, io, json, sys
-from sagan_cli.cli import main
-done = []
-for args in json.loads(sys.argv[1]):
-    sys.argv, err = ["sagan", *args], io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-    done.append([code, err.getvalue()])
-print(json.dumps(done))
-"""
-
-
 def sagan(*commands: list[object]) -> list[tuple[int, str]]:
     """The real command line in a fresh process (nothing this test process loaded or registered helps it),
     several commands in the one process: one `import torch` instead of one per command. (exit code, stderr) each."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
-    done = subprocess.run([sys.executable, "-c", _COMMANDS, json.dumps([list(map(str, c)) for c in commands])],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-1500:]  # a traceback ends the process
-    return [tuple(result) for result in json.loads(done.stdout.splitlines()[-1])]
+    return sagan_in_one_process(*commands, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
 
 
 def assert_refused(done: tuple[int, str], marker: Path) -> None:

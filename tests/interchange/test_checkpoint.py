@@ -131,39 +131,18 @@ def _with_metadata(src, dst, **changes):
     return dst
 
 
-# Runs `sagan` commands one after the other in this (memory-limited) process: [[exit code, stderr], ...] as JSON.
-_COMMANDS = """
-import contextlib, io, json, sys
-from sagan_cli.cli import main
-done = []
-for args in json.loads(sys.argv[1]):
-    sys.argv, err = ["sagan", *args], io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
-        try:
-            main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code or 0
-    done.append([code, err.getvalue()])
-print(json.dumps(done))
-"""
-
-
 def _limited_cli(*commands, gigabytes: int = 20) -> list[tuple[int, str]]:
     """The real command line in one process that may map at most 20 GB: before the bounds, the absurd sizes
     below allocated until the process died (or the machine did). Several commands share the process (and its
     limit): one `import torch` instead of one per command. (exit code, stderr) for each."""
     import resource
-    import subprocess
-    import sys
+
+    from helpers import sagan_in_one_process
 
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (gigabytes * 2**30, gigabytes * 2**30))
 
-    done = subprocess.run([sys.executable, "-c", _COMMANDS, json.dumps([list(map(str, c)) for c in commands])],
-                          capture_output=True, text=True, preexec_fn=limit, timeout=300)
-    assert done.returncode == 0, done.stderr[-1500:]  # a crash (out of memory, a traceback) ends the process
-    return [tuple(result) for result in json.loads(done.stdout.splitlines()[-1])]
+    return sagan_in_one_process(*commands, preexec_fn=limit)
 
 
 @pytest.mark.parametrize("field, value", [("num_classes", 10**11), ("num_classes", 10**8), ("z_dim", 10**9),
