@@ -114,21 +114,27 @@ def with_augment(cells: list[Cell]) -> list[Cell]:
     return [c._replace(augment=i % 2 == 0) for i, c in enumerate(cells)]
 
 
+def values_missed(cells: list[Cell], setting: str, choices: tuple) -> list[str]:
+    """Where a setting given in turns (augment, export) is spread too thinly: each "setting=choice: factor" whose
+    cells with that choice lack a value of that factor (or of procs, augment). [] when every choice meets all."""
+    every = {**FACTORS, "procs": (1, 2), "augment": (True, False)}
+    return [f"{setting}={choice}: {name}" for choice in choices for name, values in every.items()
+            if name != setting and {getattr(c, name) for c in cells if getattr(c, setting) == choice} != set(values)]
+
+
 def with_export(cells: list[Cell]) -> list[Cell]:
     """One export format per cell (an export and its checks cost ~8 s a format): the first split of the cells,
     half and half, in which each format meets every value of every factor (test_export_formats_meet_every_value);
     the port cells export both, and tests/inspection/test_interpolate_export.py checks both formats on their own."""
-    names = [*FACTORS, "procs", "augment"]
-    wanted = {name: {getattr(c, name) for c in cells} for name in names}
     for onnx in combinations(range(len(cells)), len(cells) // 2):
         split = [c._replace(export="onnx" if i in onnx else "torchscript") for i, c in enumerate(cells)]
-        if all({getattr(c, name) for c in split if c.export == fmt} == wanted[name]
-               for fmt in ("onnx", "torchscript") for name in names):
+        if not values_missed(split, "export", EXPORT_FORMATS):
             return split
     raise AssertionError("no split of the cells gives each export format every value")
 
 
 AUGMENT = "color,translation,cutout"
+EXPORT_FORMATS = ("onnx", "torchscript")
 CELLS = with_export(with_augment(with_processes([Cell(*row) for row in all_pairs(FACTORS)])))
 
 
@@ -147,17 +153,11 @@ def test_cells_cover_every_pair():
 
 
 def test_export_formats_meet_every_value():
-    for fmt in ("onnx", "torchscript"):
-        cells = [c for c in CELLS if c.export == fmt]
-        for name, values in [*FACTORS.items(), ("procs", (1, 2)), ("augment", (True, False))]:
-            assert {getattr(c, name) for c in cells} == set(values), f"export {fmt}: {name} misses values"
+    assert values_missed(CELLS, "export", EXPORT_FORMATS) == []
 
 
 def test_augmented_cells_meet_every_value():
-    for augment in (True, False):
-        cells = [c for c in CELLS if c.augment == augment]
-        for name, values in [*FACTORS.items(), ("procs", (1, 2))]:
-            assert {getattr(c, name) for c in cells} == set(values), f"augment={augment}: {name} misses values"
+    assert values_missed(CELLS, "augment", (True, False)) == []
 
 
 # ---------------------------------------------------------------- the cells' data and recipes
