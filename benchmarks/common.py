@@ -117,6 +117,18 @@ def fmt_flops(flops: float) -> str:
     return f"{flops:.0f} "
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def environment(device: str) -> str:
     """One line naming what the numbers were measured on."""
     import platform

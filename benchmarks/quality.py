@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -38,6 +37,9 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_model, load  # noqa: E402
 
 from sagan_cli.config import Recipe, load_recipe, parse_override, recipe_from_json
 from sagan_cli.errors import UserError
@@ -169,18 +171,18 @@ class LoadSampler:
     """The 1-minute load average at start, every few seconds while a run lasts, and at its end."""
 
     def __init__(self, every: float = LOAD_SAMPLE_SECONDS):
-        self.every, self.samples, self._stop = every, [os.getloadavg()[0]], threading.Event()
+        self.every, self.samples, self._stop = every, [load()], threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
         while not self._stop.wait(self.every):
-            self.samples.append(os.getloadavg()[0])
+            self.samples.append(load())
 
     def stop(self) -> tuple[float, float, float]:
         self._stop.set()
         self._thread.join()
-        self.samples.append(os.getloadavg()[0])
+        self.samples.append(load())
         return self.samples[0], statistics.fmean(self.samples), self.samples[-1]
 
 
@@ -410,14 +412,7 @@ def _number(value: float | None, digits: int = 3) -> str:
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def table(measurement: Measurement, results: list[RunResult], classifier: dict | None) -> str:

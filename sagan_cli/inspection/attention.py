@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from sagan_cli.errors import UserError
-from sagan_cli.inspection.attention_stats import captured_inputs
+from sagan_cli.inspection.attention_stats import captured_inputs, entropy
 from sagan_cli.model.generation import generate, make_labels, to_uint8
 from sagan_cli.model.layers import SelfAttention
 from sagan_cli.model.models import Discriminator, Generator, attention_layers
@@ -116,7 +116,7 @@ def summarise(maps: list[LayerAttention], points: Sequence[Point], resolution: i
                     "argmax": list(to_pixel(cell, resolution, key_height, key_width)),
                     "argmax_cell": list(cell),
                     "max_weight": float(flat[best]),
-                    "entropy": float(-(flat * flat.clamp_min(1e-30).log()).sum()),
+                    "entropy": float(entropy(flat)),
                 }
             )
         out[layer_map.name] = {

@@ -67,13 +67,17 @@ def key_positions(layer: SelfAttention, height: int, width: int) -> torch.Tensor
     return positions * 2 + 0.5 if layer.pooled else positions
 
 
+def entropy(weights: torch.Tensor) -> torch.Tensor:
+    """-sum w log w (nats) over the last dimension of attention rows (a zero weight adds nothing)."""
+    return -(weights * weights.clamp_min(1e-30).log()).sum(-1)
+
+
 def row_stats(weights: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> tuple[float, float]:
     """Mean distance (map pixels) and entropy (nats) of attention rows `weights` [B, P, M] from `queries` [P, 2]."""
     weights = weights.double()
     distances = torch.cdist(queries.double(), keys.double())  # [P, M]
     distance = (weights * distances).sum(-1).mean()
-    entropy = -(weights * weights.clamp_min(1e-30).log()).sum(-1).mean()
-    return float(distance), float(entropy)
+    return float(distance), float(entropy(weights).mean())
 
 
 def uniform_stats(queries: torch.Tensor, keys: torch.Tensor) -> tuple[float, float]:
