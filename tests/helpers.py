@@ -23,16 +23,21 @@ from sagan_cli.config import recipe_from_dict
 # ---- the command line, in this process ----
 
 
+def main_exit_code() -> int:
+    """Run the real entry point with the current sys.argv; its exit code (success returns normally)."""
+    try:
+        main()
+        return 0
+    except SystemExit as exc:
+        return exc.code or 0
+
+
 def run_main(args: list[str], capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
     """The real `sagan` entry point, in this process: (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["sagan", *args])
     monkeypatch.setenv("COLUMNS", "200")
     capsys.readouterr()
-    try:
-        main()
-        code = 0  # success returns normally (standalone_mode=False)
-    except SystemExit as exc:
-        code = exc.code or 0
+    code = main_exit_code()
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -44,11 +49,7 @@ def sagan_main(*args: object) -> tuple[int, str, str]:
     sys.argv = ["sagan", *map(str, args)]
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code or 0
+            code = main_exit_code()
     finally:
         sys.argv = argv
     return code, stdout.getvalue(), stderr.getvalue()
