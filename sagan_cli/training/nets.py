@@ -12,25 +12,65 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from torch import nn
+from torch.nn.utils import parametrize
 
 from sagan_cli.config import Recipe
 from sagan_cli.model.models import Discriminator, Generator
 from sagan_cli.training.step import Phases, UpdatePlan, make_optimizer, update_plan
 
 
-class EMA(nn.Module):
-    """Exponential moving average of G's weights; buffers (BatchNorm stats, spectral-norm vectors) are copied."""
+STANDING_BATCHES = 32  # G forwards (of the training batch size) that re-estimate the EMA's BatchNorm statistics
 
-    def __init__(self, generator: Generator, decay: float, start: int):
+
+class EMA(nn.Module):
+    """Exponential moving average of G's weights; buffers (BatchNorm stats, spectral-norm vectors) are copied.
+
+    The copied BatchNorm statistics are those of G's current weights, not of the average. `standing_statistics`
+    re-estimates them for the averaged weights before anything samples from the EMA (BigGAN's "standing
+    statistics"); the next `update` copies G's again, so training and resume never see the re-estimate.
+    """
+
+    def __init__(self, generator: Generator, decay: float, start: int, batch_size: int = 64):
         super().__init__()
         self.model = copy.deepcopy(generator).eval().requires_grad_(False)
-        self.decay, self.start = decay, start
+        self.decay, self.start, self.batch_size = decay, start, batch_size
+        self.statistics_fresh = False
 
     @torch.no_grad()
     def update(self, generator: nn.Module, step: int) -> None:
         weight = 1.0 - (self.decay if step >= self.start else 0.0)
         torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in generator.parameters()], weight)
         torch._foreach_copy_(list(self.model.buffers()), list(generator.buffers()))
+        self.statistics_fresh = False
+
+    @torch.no_grad()
+    def standing_statistics(self) -> Generator:
+        """The EMA with BatchNorm's running statistics measured on its own outputs: the cumulative mean and
+        variance over STANDING_BATCHES batches of fixed noise and uniform labels. Only BatchNorm runs in
+        train mode (spectral norm keeps its vectors); training's RNG is not drawn from, so it is repeatable."""
+        norms = [module for module in self.model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+        if self.statistics_fresh or not norms:
+            return self.model
+        config, device = self.model.config, next(self.model.parameters()).device
+        noise = torch.Generator().manual_seed(0)
+        momenta = [norm.momentum for norm in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # None: a cumulative average over every batch since the reset
+            norm.train()
+        try:
+            with parametrize.cached():
+                for _ in range(STANDING_BATCHES):
+                    z = torch.randn(self.batch_size, config.z_dim, generator=noise)
+                    labels = (torch.randint(0, config.num_classes, (self.batch_size,), generator=noise)
+                              if config.num_classes else None)
+                    self.model(z.to(device), None if labels is None else labels.to(device))
+        finally:
+            for norm, momentum in zip(norms, momenta, strict=True):
+                norm.momentum = momentum
+                norm.eval()
+        self.statistics_fresh = True
+        return self.model
 
 
 class BatchNormGuard:
@@ -77,8 +117,9 @@ class Nets:
     plan: UpdatePlan  # how the device's Adam skips a non-finite update
 
     def exported_g(self) -> Generator:
-        """The generator that g.safetensors, sample grids and evaluation use: the EMA when there is one."""
-        return self.ema.model if self.ema is not None else self.raw_g
+        """The generator that g.safetensors, sample grids and evaluation use: the EMA (with its own BatchNorm
+        statistics) when there is one."""
+        return self.ema.standing_statistics() if self.ema is not None else self.raw_g
 
     def state_models(self) -> dict[str, nn.Module]:
         """The modules a resumable state holds, by the names its files use."""
@@ -100,7 +141,7 @@ def build_nets(recipe: Recipe, accelerator: Accelerator) -> Nets:
         discriminator = discriminator.to(memory_format=torch.channels_last)
     device = accelerator.device
     generator, discriminator = generator.to(device), discriminator.to(device)
-    ema = EMA(generator, train.ema_decay, train.ema_start) if train.ema else None
+    ema = EMA(generator, train.ema_decay, train.ema_start, train.batch_size) if train.ema else None
     betas, plan = (train.beta1, train.beta2), update_plan(device.type, train.mixed_precision)
     opt_g = make_optimizer(generator, train.lr_g, betas, plan)
     opt_d = make_optimizer(discriminator, train.lr_d, betas, plan)

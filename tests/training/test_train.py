@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from sagan_cli.interchange.checkpoint import load_model, read_info
 from sagan_cli.model.models import Discriminator, Generator, gammas
 from sagan_cli.training.batches import batch_indices
 from sagan_cli.training.loop import run_training
+from sagan_cli.training.nets import STANDING_BATCHES
 from sagan_cli.training.state import latest_state
 
 
@@ -97,6 +99,23 @@ def test_checkpoint_metadata_round_trip(tmp_path):
         assert torch.equal(ema.state_dict()[name], tensor), name
     # keep_checkpoints = 2: only the last two states remain
     assert sorted(p.name for p in (tmp_path / "run" / "state").iterdir()) == ["step-0000002", "step-0000004"]
+    # the EMA's BatchNorm statistics are its own (standing statistics), not G's copied ones: every running mean
+    # is the mean of that layer's input over the fixed re-estimation noise (batch-normalised, as in training),
+    # measured here by forward hooks on a copy
+    norms = {name: m for name, m in ema.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    raw = dict(result.generator.named_buffers())
+    assert norms and all(not torch.equal(norm.running_mean, raw[f"{name}.running_mean"]) for name, norm in norms.items())
+    probe, inputs = copy.deepcopy(ema), {name: [] for name in norms}
+    for name, module in probe.named_modules():
+        if name in norms:
+            module.train()
+            module.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].transpose(0, 1).flatten(1)))
+    noise, batch = torch.Generator().manual_seed(0), tiny_recipe().train.batch_size
+    with torch.no_grad():
+        for _ in range(STANDING_BATCHES):
+            probe(torch.randn(batch, g_info.config.z_dim, generator=noise))
+    for name, norm in norms.items():
+        torch.testing.assert_close(norm.running_mean, torch.cat(inputs[name], 1).mean(1), rtol=1e-4, atol=1e-5)
 
 
 def test_resume_is_bit_exact(tmp_path):
@@ -207,6 +226,7 @@ import os, sys
 from safetensors.torch import save_file
 from sagan_cli.config import recipe_from_dict
 from sagan_cli.training.loop import run_training
+from sagan_cli.training.nets import STANDING_BATCHES
 raw = {raw!r}
 raw["train"]["steps"] = int(sys.argv[2])
 raw["eval"] = {{"every": 2, "num_samples": 16, "metrics": ["structure"]}}  # rank 0 evaluates, rank 1 waits
