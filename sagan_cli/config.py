@@ -121,6 +121,7 @@ class TrainConfig:
     ema: bool = True  # keep an exponential moving average of G (exported as g.safetensors)
     ema_decay: float = 0.999  # weight of the running average at each step (0.999: ~1000-step horizon)
     ema_start: int = 1000  # EMA copies G until this step, then averages
+    ema_standing_stats: int = 32  # batches of G forwards that re-estimate the EMA's BatchNorm statistics (0: G's)
     checkpoint_every: int = 1000  # steps between checkpoints (and always at the last step)
     keep_checkpoints: int = 2  # resumable states kept in state/
     sample_every: int = 500  # steps between fixed-noise sample grids
@@ -327,6 +328,7 @@ def validate(recipe: Recipe) -> Recipe:
     for key in ("beta1", "beta2", "ema_decay"):
         _require(0 <= getattr(train, key) < 1, f"train.{key}", "must be in [0, 1)")
     _require(train.ema_start >= 0, "train.ema_start", "must be >= 0")
+    _require(0 <= train.ema_standing_stats <= 10_000, "train.ema_standing_stats", "must be in [0, 10000]")
     _require(0 <= train.seed < 2**31, "train.seed",  # process k seeds with seed + k: numpy's range is [0, 2**32)
              f"must be in [0, 2**31) (numpy's seed range, with room for one seed per process), got {train.seed}")
     _require(train.gp_weight >= 0, "train.gp_weight", "must be >= 0")

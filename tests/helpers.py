@@ -71,7 +71,7 @@ TINY = {
     "data": {"kind": "synthetic", "synthetic_size": 64},
     "model": {"resolution": 32, "g_ch": 16, "d_ch": 16, "g_attention": [16], "d_attention": [8]},
     "train": {"steps": 4, "batch_size": 8, "checkpoint_every": 2, "sample_every": 2, "log_every": 1,
-              "ema_start": 1, "sample_grid": 4},
+              "ema_start": 1, "sample_grid": 4, "ema_standing_stats": 2},
 }
 
 

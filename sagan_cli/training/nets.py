@@ -19,9 +19,6 @@ from sagan_cli.model.models import Discriminator, Generator
 from sagan_cli.training.step import Phases, UpdatePlan, make_optimizer, update_plan
 
 
-STANDING_BATCHES = 32  # G forwards (of the training batch size) that re-estimate the EMA's BatchNorm statistics
-
-
 class EMA(nn.Module):
     """Exponential moving average of G's weights; buffers (BatchNorm stats, spectral-norm vectors) are copied.
 
@@ -30,10 +27,12 @@ class EMA(nn.Module):
     statistics"); the next `update` copies G's again, so training and resume never see the re-estimate.
     """
 
-    def __init__(self, generator: Generator, decay: float, start: int, batch_size: int = 64):
+    def __init__(self, generator: Generator, decay: float, start: int, *, batch_size: int = 64,
+                 standing_batches: int = 32):
         super().__init__()
         self.model = copy.deepcopy(generator).eval().requires_grad_(False)
-        self.decay, self.start, self.batch_size = decay, start, batch_size
+        self.decay, self.start = decay, start
+        self.batch_size, self.standing_batches = batch_size, standing_batches
         self.statistics_fresh = False
 
     @torch.no_grad()
@@ -46,10 +45,10 @@ class EMA(nn.Module):
     @torch.no_grad()
     def standing_statistics(self) -> Generator:
         """The EMA with BatchNorm's running statistics measured on its own outputs: the cumulative mean and
-        variance over STANDING_BATCHES batches of fixed noise and uniform labels. Only BatchNorm runs in
+        variance over `standing_batches` batches of fixed noise and uniform labels. Only BatchNorm runs in
         train mode (spectral norm keeps its vectors); training's RNG is not drawn from, so it is repeatable."""
         norms = [module for module in self.model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-        if self.statistics_fresh or not norms:
+        if self.statistics_fresh or not norms or not self.standing_batches:
             return self.model
         config, device = self.model.config, next(self.model.parameters()).device
         noise = torch.Generator().manual_seed(0)
@@ -60,7 +59,7 @@ class EMA(nn.Module):
             norm.train()
         try:
             with parametrize.cached():
-                for _ in range(STANDING_BATCHES):
+                for _ in range(self.standing_batches):
                     z = torch.randn(self.batch_size, config.z_dim, generator=noise)
                     labels = (torch.randint(0, config.num_classes, (self.batch_size,), generator=noise)
                               if config.num_classes else None)
@@ -141,7 +140,8 @@ def build_nets(recipe: Recipe, accelerator: Accelerator) -> Nets:
         discriminator = discriminator.to(memory_format=torch.channels_last)
     device = accelerator.device
     generator, discriminator = generator.to(device), discriminator.to(device)
-    ema = EMA(generator, train.ema_decay, train.ema_start, train.batch_size) if train.ema else None
+    ema = (EMA(generator, train.ema_decay, train.ema_start, batch_size=train.batch_size,
+               standing_batches=train.ema_standing_stats) if train.ema else None)
     betas, plan = (train.beta1, train.beta2), update_plan(device.type, train.mixed_precision)
     opt_g = make_optimizer(generator, train.lr_g, betas, plan)
     opt_d = make_optimizer(discriminator, train.lr_d, betas, plan)

@@ -23,7 +23,7 @@ from sagan_cli.interchange.checkpoint import load_model, read_info
 from sagan_cli.model.models import Discriminator, Generator, gammas
 from sagan_cli.training.batches import batch_indices
 from sagan_cli.training.loop import run_training
-from sagan_cli.training.nets import STANDING_BATCHES
+from sagan_cli.training.nets import EMA
 from sagan_cli.training.state import latest_state
 
 
@@ -112,7 +112,7 @@ def test_checkpoint_metadata_round_trip(tmp_path):
             module.register_forward_pre_hook(lambda m, args, name=name: inputs[name].append(args[0].transpose(0, 1).flatten(1)))
     noise, batch = torch.Generator().manual_seed(0), tiny_recipe().train.batch_size
     with torch.no_grad():
-        for _ in range(STANDING_BATCHES):
+        for _ in range(tiny_recipe().train.ema_standing_stats):
             probe(torch.randn(batch, g_info.config.z_dim, generator=noise))
     for name, norm in norms.items():
         torch.testing.assert_close(norm.running_mean, torch.cat(inputs[name], 1).mean(1), rtol=1e-4, atol=1e-5)
@@ -226,7 +226,7 @@ import os, sys
 from safetensors.torch import save_file
 from sagan_cli.config import recipe_from_dict
 from sagan_cli.training.loop import run_training
-from sagan_cli.training.nets import STANDING_BATCHES
+from sagan_cli.training.nets import EMA
 raw = {raw!r}
 raw["train"]["steps"] = int(sys.argv[2])
 raw["eval"] = {{"every": 2, "num_samples": 16, "metrics": ["structure"]}}  # rank 0 evaluates, rank 1 waits
@@ -575,3 +575,18 @@ def test_the_checkpoint_checks_leave_training_unchanged(tmp_path):
     often = weights(run_training(tiny_recipe(train__checkpoint_every=1), tmp_path / "often"))
     rarely = weights(run_training(tiny_recipe(train__checkpoint_every=1000), tmp_path / "rarely"))
     assert [k for k in often if not torch.equal(often[k], rarely[k])] == []
+
+
+def test_ema_standing_stats_zero_keeps_gs_batchnorm_statistics():
+    """`train.ema_standing_stats = 0`: the EMA samples with G's copied statistics, as before standing statistics."""
+    recipe = tiny_recipe()
+    generator = Generator(recipe.model)
+    with torch.no_grad():
+        generator.train()(torch.randn(8, recipe.model.z_dim))  # G's statistics move away from their initial values
+    kept, reestimated = (EMA(generator, 0.9, 0, batch_size=8, standing_batches=n) for n in (0, 2))
+    for ema in (kept, reestimated):
+        ema.update(generator, step=1)
+    g_stats = {name: buffer for name, buffer in generator.named_buffers() if "running_" in name}
+    kept_stats, new_stats = (dict(ema.standing_statistics().named_buffers()) for ema in (kept, reestimated))
+    assert g_stats and all(torch.equal(kept_stats[name], buffer) for name, buffer in g_stats.items())
+    assert all(not torch.equal(new_stats[name], buffer) for name, buffer in g_stats.items())
