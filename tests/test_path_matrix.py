@@ -180,7 +180,7 @@ def recipe_text(cell: Cell, data_dir: Path | None, *, steps: int = 2) -> str:
             f'z_dim = 16\ng_ch = 8\nd_ch = 8\nattention = "{"paper" if cell.attention == "paper" else "seed"}"\n'
             f"g_attention = {g_att}\nd_attention = {d_att}\n"
             f'[train]\nsteps = {steps}\nbatch_size = 4\nmixed_precision = "{PRECISION_KEY[cell.precision]}"\n'
-            "sample_grid = 4\nsample_every = 100\ncheckpoint_every = 100\nlog_every = 1\nema_start = 1\n"
+            "sample_grid = 4\nsample_every = 100\ncheckpoint_every = 100\nlog_every = 1\nema_start = 1\nema_standing_stats = 2\n"
             + (f'augment = "{AUGMENT}"\n' if cell.augment else ""))
 
 
