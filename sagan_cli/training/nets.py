@@ -19,6 +19,10 @@ from sagan_cli.model.models import Discriminator, Generator
 from sagan_cli.training.step import Phases, UpdatePlan, make_optimizer, update_plan
 
 
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+
+
 class EMA(nn.Module):
     """Exponential moving average of G's weights; buffers (BatchNorm stats, spectral-norm vectors) are copied.
 
@@ -47,8 +51,10 @@ class EMA(nn.Module):
         """The EMA with BatchNorm's running statistics measured on its own outputs: the cumulative mean and
         variance over `standing_batches` batches of fixed noise and uniform labels. Only BatchNorm runs in
         train mode (spectral norm keeps its vectors); training's RNG is not drawn from, so it is repeatable."""
-        norms = [module for module in self.model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
-        if self.statistics_fresh or not norms or not self.standing_batches:
+        if self.statistics_fresh or not self.standing_batches:
+            return self.model
+        norms = batch_norms(self.model)
+        if not norms:
             return self.model
         config, device = self.model.config, next(self.model.parameters()).device
         noise = torch.Generator().manual_seed(0)
@@ -80,8 +86,7 @@ class BatchNormGuard:
     """
 
     def __init__(self, generator: nn.Module):
-        self.buffers = [buffer for module in generator.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
-                        for buffer in module.buffers()]
+        self.buffers = [buffer for module in batch_norms(generator) for buffer in module.buffers()]
         self.saved = [buffer.clone() for buffer in self.buffers]
         self.statistics = [buffer for buffer in self.buffers if buffer.is_floating_point()]  # not the step counts
         self.unit = torch.ones((), device=self.buffers[0].device) if self.buffers else None

@@ -226,7 +226,6 @@ import os, sys
 from safetensors.torch import save_file
 from sagan_cli.config import recipe_from_dict
 from sagan_cli.training.loop import run_training
-from sagan_cli.training.nets import EMA
 raw = {raw!r}
 raw["train"]["steps"] = int(sys.argv[2])
 raw["eval"] = {{"every": 2, "num_samples": 16, "metrics": ["structure"]}}  # rank 0 evaluates, rank 1 waits
