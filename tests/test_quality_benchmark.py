@@ -46,7 +46,7 @@ import os, pathlib, sys, time
 args = sys.argv[1:]
 run_dir = pathlib.Path(args[args.index("--out") + 1])
 if run_dir.name == "seed-0":
-    for _ in range(500):
+    for _ in range(3000):  # a loaded machine can take seconds to start a Python
         if (run_dir.parent / "seed-1.started").exists():
             break
         time.sleep(0.02)
@@ -201,10 +201,11 @@ def test_a_run_folder_made_with_other_settings_is_refused_even_unfinished(tmp_pa
 def test_a_failed_run_cancels_the_queue_and_stops_the_running_ones(tmp_path, monkeypatch):
     monkeypatch.setattr(quality, "SAGAN", FAKE_SAGAN)
     (tmp_path / "recipe").mkdir()
-    started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"train .*seed-0 .*failed \(exit 3\)"):
         quality.measure(_measurement(jobs=2), [_variant()], [0, 1, 2, 3], tmp_path, quality.Children(grace=30))
-    assert time.monotonic() - started < 15  # seed 1 stopped by SIGINT at once, not after its 60 s or the grace
+    # seed 1 stopped by SIGINT at once, not after its 60 s sleep or the 30 s grace (timed from its start: a loaded
+    # machine may take seconds to start the two Pythons)
+    assert time.time() - (tmp_path / "recipe" / "seed-1.started").stat().st_mtime < 15
     with pytest.raises(ProcessLookupError):  # seed 1's child is gone
         os.kill(int((tmp_path / "recipe" / "seed-1.started").read_text()), 0)
     for seed in (2, 3):  # queued: never started, nothing written
@@ -219,19 +220,21 @@ def test_ctrl_c_stops_the_running_runs_and_says_so_in_one_line(tmp_path, monkeyp
     monkeypatch.setattr(quality, "STOP_GRACE_SECONDS", 0.5)  # not signalled by a terminal: terminated after this
     out = tmp_path / "out"
 
+    interrupted = []
+
     def interrupt_once_both_run():
-        for _ in range(500):
+        for _ in range(3000):  # a loaded machine can take seconds to start a Python
             if all((out / "recipe" / f"seed-{seed}.started").exists() for seed in (0, 1)):
                 break
             time.sleep(0.02)
+        interrupted.append(time.monotonic())
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     threading.Thread(target=interrupt_once_both_run, daemon=True).start()
-    started = time.monotonic()
     code, err = _main([RECIPE, "--out", str(out), "--seeds", "0", "1", "2", "--jobs", "2", "--metrics", "structure",
                        *(arg for item in OVERRIDES for arg in ("--set", item))], capsys)
     assert code == 130 and err.startswith("error: interrupted") and len(err.splitlines()) == 1, err
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - interrupted[0] < 15  # stopped at once, not after the 60 s sleeps
     assert not list((out / "recipe").glob("seed-2*"))
     for seed in (0, 1):  # terminated and reaped, not left sleeping
         with pytest.raises(ProcessLookupError):
